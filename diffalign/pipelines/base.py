@@ -1,0 +1,302 @@
+"""The FlowModel adapter: one diffusers pipeline's components behind diffalign's conventions.
+
+Everything that differs between model families (the transformer's timestep scale, latent packing, the guidance
+embedding, the VAE's shift/scale or batch-norm statistics, how prompts are encoded) lives in a subclass in this
+package. Outside ``pipelines/`` code sees only:
+
+- ``velocity(x_t, t, cond, guidance=None) -> v``: ``x_t`` ``(B, C, H, W)`` float, ``t`` ``(B,)`` or a float in
+  [0, 1] (1 = noise), ``v`` ``(B, C, H, W)`` float32 with ``x_t = (1 - t) x0 + t eps`` and ``v = eps - x0``;
+- ``encode_prompt(prompts) -> Cond`` and ``empty_cond(batch)`` (the unconditional prompt for CFG);
+- ``encode_images(images) -> latents`` and ``decode_latents(latents) -> images`` with images ``(B, 3, H, W)``
+  float in [0, 1];
+- ``time_grid(num_steps, height, width) -> (T+1,)`` float32 times from 1 down to 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torch import Tensor
+
+from diffalign.types import Cond
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a clear error for anything else."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def batch_times(t: Tensor | float, batch: int, device: torch.device) -> Tensor:
+    """Broadcast a time (float, 0-d or ``(B,)`` tensor) to a ``(B,)`` float32 tensor on ``device``."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.ndim == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"time has shape {tuple(t.shape)}, expected () or ({batch},)")
+    return t
+
+
+class FlowModel(ABC):
+    """Base adapter. Subclasses set the class attributes and implement the abstract methods.
+
+    Attributes:
+        family: registry name (``"sd3"``, ``"flux"``, ``"flux2"``).
+        pipeline_classes: the stock diffusers pipelines whose components this adapter accepts.
+        lora_target_modules: default LoRA targets for this family's transformer (attention projections).
+        default_guidance_scale: the family's usual CFG scale (true CFG), or the distilled guidance value for
+            guidance-embedded checkpoints.
+        pipe: the wrapped pipeline; its components are used in place, never copied.
+        nfe: running count of per-sample transformer evaluations (rows pushed through the transformer).
+    """
+
+    family: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[type[DiffusionPipeline], ...]]
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    default_guidance_scale: ClassVar[float] = 1.0
+
+    def __init__(self, pipe: DiffusionPipeline, max_sequence_length: int | None = None) -> None:
+        if not isinstance(pipe, self.pipeline_classes):
+            expected = " or ".join(c.__name__ for c in self.pipeline_classes)
+            raise TypeError(f"the {self.family!r} family needs a {expected}, got a {type(pipe).__name__}")
+        self.pipe = pipe
+        self.max_sequence_length = max_sequence_length
+        self.nfe = 0
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+                module.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        max_sequence_length: int | None = None,
+        **kwargs,
+    ) -> FlowModel:
+        """Load the family's stock pipeline from a hub id or a local folder, in ``dtype``, onto ``device``.
+
+        A local path must exist and hold a ``model_index.json``; anything else is treated as a hub id (which
+        fails with the hub's own message when offline).
+        """
+        path = os.path.expanduser(str(path))
+        is_hub_id = len(path.split("/")) == 2 and not path.startswith((".", "/")) and not os.path.exists(path)
+        if not is_hub_id:
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"model path {path!r} does not exist (nor is it a hub id 'org/name')")
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                raise FileNotFoundError(f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype), **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe.to(device), max_sequence_length=max_sequence_length)
+
+    # ----------------------------------------------------------------------------------------------- properties
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent cell along each side of the ``(B, C, H, W)`` latents this adapter exposes."""
+        return self.pipe.vae_scale_factor
+
+    @property
+    @abstractmethod
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this (VAE factor times patch/packing size)."""
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels C of the ``(B, C, H, W)`` latents this adapter exposes."""
+
+    @property
+    def has_guidance_embedding(self) -> bool:
+        """True for guidance-distilled checkpoints whose transformer embeds the guidance scale."""
+        return bool(getattr(self.transformer.config, "guidance_embeds", False))
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, H', W')`` of the latents for an image of ``height x width`` pixels; checks divisibility."""
+        m = self.size_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise ValueError(
+                f"height and width must be positive multiples of {m} for the {self.family} family "
+                f"(VAE factor x patch size), got {height}x{width}"
+            )
+        f = self.spatial_factor
+        return self.latent_channels, height // f, width // f
+
+    # ----------------------------------------------------------------------------------------------- prompts
+    @abstractmethod
+    def encode_prompt(self, prompts: Sequence[str]) -> Cond:
+        """Encode ``B`` prompts with the frozen text encoders -> ``Cond`` in the model dtype."""
+
+    def empty_cond(self, batch: int) -> Cond:
+        """The unconditional (empty-prompt) conditioning repeated ``batch`` times, as the stock pipelines use."""
+        if not hasattr(self, "_empty"):
+            self._empty = self.encode_prompt([""])
+        return self._empty.index([0] * batch)
+
+    def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a sequence of strings")
+        return list(prompts)
+
+    # ----------------------------------------------------------------------------------------------- velocity
+    def velocity(self, x_t: Tensor, t: Tensor | float, cond: Cond, guidance: float | None = None) -> Tensor:
+        """Predicted velocity ``v = eps - x0`` at ``(x_t, t)``: ``(B, C, H, W)`` float32.
+
+        Args:
+            x_t: ``(B, C, H, W)`` latents (any float dtype; cast to the model dtype for the network).
+            t: time in [0, 1], a float or ``(B,)``.
+            cond: conditioning with batch B.
+            guidance: the embedded guidance value of guidance-distilled checkpoints (FLUX.1-dev); None takes
+                the family default. Must be None for models without a guidance embedding.
+        """
+        if x_t.ndim != 4:
+            raise ValueError(f"x_t must be (B, C, H, W), got shape {tuple(x_t.shape)}")
+        if len(cond) != x_t.shape[0]:
+            raise ValueError(f"cond has batch {len(cond)} but x_t has batch {x_t.shape[0]}")
+        if x_t.shape[1] != self.latent_channels:
+            raise ValueError(f"x_t has {x_t.shape[1]} channels, the {self.family} model expects {self.latent_channels}")
+        if guidance is not None and not self.has_guidance_embedding:
+            raise ValueError(f"this {self.family} checkpoint has no guidance embedding; use CFG (guidance_scale)")
+        t = batch_times(t, x_t.shape[0], x_t.device)
+        self.nfe += x_t.shape[0]
+        return self._velocity(x_t, t, cond, guidance).float()
+
+    @abstractmethod
+    def _velocity(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | None) -> Tensor:
+        """The family's transformer call on validated inputs; ``t`` is ``(B,)`` float32 in [0, 1]."""
+
+    # ----------------------------------------------------------------------------------------------- codec
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] -> latents ``(B, C, H', W')`` float32 (sampled from the VAE
+        posterior with ``generator``, or its mode when ``generator`` is None)."""
+        check_images(images)
+        self.latent_shape(images.shape[2], images.shape[3])
+        return self._encode(images, generator).float()
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents ``(B, C, H', W')`` -> images ``(B, 3, H, W)`` float32 in [0, 1]."""
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must be (B, {self.latent_channels}, H, W), got {tuple(latents.shape)}")
+        return ((self._decode(latents).float() + 1) / 2).clamp(0, 1)
+
+    @abstractmethod
+    def _encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Images in [0, 1] -> this adapter's latents."""
+
+    @abstractmethod
+    def _decode(self, latents: Tensor) -> Tensor:
+        """This adapter's latents -> images in [-1, 1] (the VAE's output range)."""
+
+    def _vae_posterior(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        vae = self.pipe.vae
+        dist = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+        return dist.mode() if generator is None else dist.sample(generator)
+
+    # ----------------------------------------------------------------------------------------------- time grid
+    def time_grid(self, num_steps: int, height: int, width: int, shift: float | None = None) -> Tensor:
+        """``(num_steps + 1,)`` float32 times from ~1 down to exactly 0.
+
+        With ``shift=None`` this is the checkpoint's own schedule, computed by its diffusers scheduler exactly
+        as the stock pipeline does (SD3: static shift; FLUX.1/FLUX.2: resolution-dependent dynamic shift). A
+        float ``shift`` instead applies the static SD3 shift ``s t / (1 + (s - 1) t)`` to the uniform grid
+        ``linspace(1, 1/T, T)``.
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.latent_shape(height, width)
+        if shift is not None:
+            if shift <= 0:
+                raise ValueError(f"shift must be > 0, got {shift}")
+            u = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+            shifted = (shift * u / (1 + (shift - 1) * u)).float()
+            return torch.cat([shifted, torch.zeros(1)])
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        self._set_timesteps(scheduler, num_steps, height, width)
+        return scheduler.sigmas.detach().float().cpu()
+
+    @abstractmethod
+    def _set_timesteps(self, scheduler, num_steps: int, height: int, width: int) -> None:
+        """Call ``scheduler.set_timesteps`` exactly as the stock pipeline does for this image size."""
+
+    # ----------------------------------------------------------------------------------------------- LoRA
+    def add_lora(
+        self,
+        rank: int = 32,
+        alpha: float = 64.0,
+        target_modules: Sequence[str] | None = None,
+        adapter_name: str = "default",
+        init: str = "gaussian",
+        dropout: float = 0.0,
+    ) -> LoraConfig:
+        """Attach a peft LoRA adapter to the transformer (base weights frozen, LoRA weights trainable)."""
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=init,
+            lora_dropout=dropout,
+            target_modules=list(target_modules or self.lora_target_modules),
+        )
+        self.transformer.add_adapter(config, adapter_name=adapter_name)
+        self.transformer.set_adapter(adapter_name)
+        return config
+
+    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Write the adapter in diffusers' LoRA format (``pytorch_lora_weights.safetensors`` with the peft config
+        as metadata), loadable by ``pipe.load_lora_weights(directory)`` on the stock pipeline."""
+        if adapter_name not in getattr(self.transformer, "peft_config", {}):
+            raise ValueError(f"no LoRA adapter named {adapter_name!r} on the transformer")
+        state = get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
+        metadata = self.transformer.peft_config[adapter_name].to_dict()
+        type(self.pipe).save_lora_weights(
+            str(directory),
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=metadata,
+            safe_serialization=True,
+        )
+
+    def load_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Load a LoRA saved in diffusers' format (by ``save_lora`` or any diffusers trainer) and activate it."""
+        path = os.fspath(directory)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"LoRA path {path!r} does not exist")
+        self.pipe.load_lora_weights(path, adapter_name=adapter_name)
+        self.transformer.set_adapter(adapter_name)
+
+
+def check_images(images: Tensor) -> None:
+    """Raise a clear error unless ``images`` is a float ``(B, 3, H, W)`` tensor with values in [0, 1]."""
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise TypeError("images must be a float tensor (B, 3, H, W) in [0, 1]")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise ValueError(f"images must lie in [0, 1], got values in [{lo:.3f}, {hi:.3f}]")
