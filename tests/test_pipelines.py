@@ -26,21 +26,32 @@ def test_velocity_equals_direct_transformer_call(family):
     tr = flow.transformer
     with torch.no_grad():
         if family == "sd3":
-            direct = tr(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.embeds,
-                        pooled_projections=cond.pooled).sample
+            direct = tr(
+                hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
+            ).sample
         elif family == "flux":
             b, c, h, w = x.shape
             packed = FluxPipeline._pack_latents(x, b, c, h, w)
             ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
-            out = tr(hidden_states=packed, timestep=t, pooled_projections=cond.pooled,
-                     encoder_hidden_states=cond.embeds, txt_ids=torch.zeros(cond.embeds.shape[1], 3),
-                     img_ids=ids).sample
+            out = tr(
+                hidden_states=packed,
+                timestep=t,
+                pooled_projections=cond.pooled,
+                encoder_hidden_states=cond.embeds,
+                txt_ids=torch.zeros(cond.embeds.shape[1], 3),
+                img_ids=ids,
+            ).sample
             direct = FluxFlowModel.unpack(out, h, w)
         else:
             b, c, h, w = x.shape
             ids = flow.pipe._prepare_latent_ids(x)
-            out = tr(hidden_states=x.reshape(b, c, h * w).permute(0, 2, 1), timestep=t,
-                     encoder_hidden_states=cond.embeds, txt_ids=cond.text_ids, img_ids=ids).sample
+            out = tr(
+                hidden_states=x.reshape(b, c, h * w).permute(0, 2, 1),
+                timestep=t,
+                encoder_hidden_states=cond.embeds,
+                txt_ids=cond.text_ids,
+                img_ids=ids,
+            ).sample
             direct = out.permute(0, 2, 1).reshape(b, c, h, w)
     assert v.shape == x.shape and v.dtype == torch.float32
     torch.testing.assert_close(v, direct, rtol=0, atol=1e-6)
@@ -53,8 +64,14 @@ def _stock_latents(flow, family, noise, steps, cfg):
         return pipe(latents=noise, guidance_scale=cfg, **kw).images
     if family == "flux":
         b, c, h, w = noise.shape
-        out = pipe(latents=FluxFlowModel.pack(noise), guidance_scale=3.5, true_cfg_scale=cfg,
-                   negative_prompt=[""] * 2 if cfg > 1 else None, max_sequence_length=32, **kw).images
+        out = pipe(
+            latents=FluxFlowModel.pack(noise),
+            guidance_scale=3.5,
+            true_cfg_scale=cfg,
+            negative_prompt=[""] * 2 if cfg > 1 else None,
+            max_sequence_length=32,
+            **kw,
+        ).images
         return FluxFlowModel.unpack(out, h, w)
     out = pipe(latents=noise, guidance_scale=cfg, max_sequence_length=32, **kw).images
     return out
@@ -78,8 +95,16 @@ def test_flux_guidance_embedding_reproduces_stock():
     flow = _flow("flux", guidance_embeds=True)
     assert flow.has_guidance_embedding
     noise = torch.randn(2, *flow.latent_shape(32, 32), generator=torch.Generator().manual_seed(4))
-    stock = flow.pipe(prompt=PROMPTS, height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
-                      latents=FluxFlowModel.pack(noise), max_sequence_length=32, output_type="latent").images
+    stock = flow.pipe(
+        prompt=PROMPTS,
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        latents=FluxFlowModel.pack(noise),
+        max_sequence_length=32,
+        output_type="latent",
+    ).images
     traj = sample(flow, flow.encode_prompt(PROMPTS), flow.time_grid(3, 32, 32), x_init=noise, guidance=5.0)
     torch.testing.assert_close(traj.final, FluxFlowModel.unpack(stock, 16, 16), rtol=1e-4, atol=1e-5)
     other = sample(flow, flow.encode_prompt(PROMPTS), flow.time_grid(3, 32, 32), x_init=noise, guidance=1.0)
@@ -91,8 +116,14 @@ def test_time_grid_matches_stock_scheduler(family):
     grid = flow.time_grid(6, 32, 32)
     assert grid.shape == (7,) and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
     pipe = flow.pipe
-    pipe(prompt=PROMPTS[:1], height=32, width=32, num_inference_steps=6, output_type="latent",
-         **({} if family == "sd3" else {"max_sequence_length": 32}))
+    pipe(
+        prompt=PROMPTS[:1],
+        height=32,
+        width=32,
+        num_inference_steps=6,
+        output_type="latent",
+        **({} if family == "sd3" else {"max_sequence_length": 32}),
+    )
     torch.testing.assert_close(grid, pipe.scheduler.sigmas.float(), rtol=0, atol=0)
     shifted = flow.time_grid(4, 32, 32, shift=3.0)
     u = torch.tensor([1.0, 0.75, 0.5, 0.25])
@@ -115,8 +146,9 @@ def test_decode_matches_stock_postprocess(family):
     if family == "flux":
         stock = flow.pipe(latents=FluxFlowModel.pack(noise), max_sequence_length=32, **kw).images
     else:
-        stock = flow.pipe(latents=noise, guidance_scale=1.0, **kw, **({} if family == "sd3" else
-                                                                     {"max_sequence_length": 32})).images
+        stock = flow.pipe(
+            latents=noise, guidance_scale=1.0, **kw, **({} if family == "sd3" else {"max_sequence_length": 32})
+        ).images
     traj = sample(flow, flow.encode_prompt(PROMPTS[:1]), flow.time_grid(2, 32, 32), x_init=noise)
     torch.testing.assert_close(flow.decode_latents(traj.final), stock, rtol=1e-4, atol=1e-4)
 

@@ -35,7 +35,9 @@ def load_flow_model(
     max_sequence_length: int | None = None,
 ) -> FlowModel:
     """Load a pipeline of ``family`` from a hub id or folder and wrap it; optionally load a diffusers LoRA."""
-    flow = get_family(family).from_pretrained(path, dtype=dtype, device=device, max_sequence_length=max_sequence_length)
+    flow = get_family(family).from_pretrained(
+        path, dtype=dtype, device=device, max_sequence_length=max_sequence_length
+    )
     if lora:
         flow.load_lora(lora)
     return flow

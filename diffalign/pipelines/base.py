@@ -182,7 +182,9 @@ class FlowModel(ABC):
         if len(cond) != x_t.shape[0]:
             raise ValueError(f"cond has batch {len(cond)} but x_t has batch {x_t.shape[0]}")
         if x_t.shape[1] != self.latent_channels:
-            raise ValueError(f"x_t has {x_t.shape[1]} channels, the {self.family} model expects {self.latent_channels}")
+            raise ValueError(
+                f"x_t has {x_t.shape[1]} channels, the {self.family} model expects {self.latent_channels}"
+            )
         if guidance is not None and not self.has_guidance_embedding:
             raise ValueError(f"this {self.family} checkpoint has no guidance embedding; use CFG (guidance_scale)")
         t = batch_times(t, x_t.shape[0], x_t.device)

@@ -130,9 +130,17 @@ def tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
     return _finish(
         StableDiffusion3Pipeline(
             transformer=SD3Transformer2DModel(
-                sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
-                pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32,
+                sample_size=16,
+                patch_size=2,
+                in_channels=4,
+                num_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                caption_projection_dim=32,
+                pooled_projection_dim=64,
+                out_channels=4,
+                pos_embed_max_size=32,
             ),  # fmt: skip
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
             vae=_vae(shift_factor=0.0609, scaling_factor=1.5305),
@@ -153,9 +161,16 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
     return _finish(
         FluxPipeline(
             transformer=FluxTransformer2DModel(
-                patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+                patch_size=1,
+                in_channels=16,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                pooled_projection_dim=16,
+                guidance_embeds=guidance_embeds,
+                axes_dims_rope=(4, 4, 8),
             ),  # fmt: skip
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
             vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),
@@ -187,9 +202,16 @@ def tiny_flux2(seed: int = 0) -> Flux2KleinPipeline:
             text_encoder=text_encoder,
             tokenizer=tok,
             transformer=Flux2Transformer2DModel(
-                patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
-                axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+                patch_size=1,
+                in_channels=16,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=48,
+                timestep_guidance_channels=32,
+                axes_dims_rope=(4, 4, 4, 4),
+                guidance_embeds=False,
             ),  # fmt: skip
         )
     )

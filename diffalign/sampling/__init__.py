@@ -1,6 +1,14 @@
 """Sampling: pure step maths (``steps``) and the one denoising loop (``sampler``)."""
 
-from diffalign.sampling.sampler import SDE, SteeringHook, StepInfo, guided_velocity, sample, transition_log_prob, window
+from diffalign.sampling.sampler import (
+    SDE,
+    SteeringHook,
+    StepInfo,
+    guided_velocity,
+    sample,
+    transition_log_prob,
+    window,
+)
 from diffalign.sampling.steps import STEP_KINDS, StepOutput, gaussian_log_prob, step
 
 __all__ = [

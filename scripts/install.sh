@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install diffalign into ./.venv (idempotent). torch comes first, pinned, so that pip takes the build already on
+# this kind of machine instead of resolving a different one from the registry (see ENVIRONMENT.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
