@@ -15,6 +15,15 @@ import sys
 from diffalign.config import ConfigError, SampleJob, load_config, read_kind, resolve_device, save_config, to_yaml
 
 JOBS: dict[str, type] = {"sample": SampleJob}
+
+
+def _register_world_jobs() -> None:
+    from diffalign.world.jobs import EvalJob
+    from diffalign.world.pretrain import PretrainJob
+
+    JOBS.update({"pretrain": PretrainJob, "eval": EvalJob})
+
+
 log = logging.getLogger("diffalign")
 
 
@@ -65,6 +74,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
     log.info("wrote %d images and grid.png to %s", len(paths), args.out)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from diffalign.world.pretrain import pretrain
+
+    pretrain(_load_job("pretrain", args.config, args.overrides))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from diffalign.world.jobs import run_eval
+
+    run_eval(_load_job("eval", args.config, args.overrides), out=args.out)
+
+
 def cmd_show_config(args: argparse.Namespace) -> None:
     kind = read_kind(args.config)
     if kind not in JOBS:
@@ -91,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.num_steps=20")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("pretrain", help="pretrain a world base model (codec + flow matching)")
+    p.add_argument("config", help="YAML config with kind: pretrain")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="evaluate a model on the embedded world's held-out prompts")
+    p.add_argument("config", help="YAML config with kind: eval")
+    p.add_argument("--out", default=None, help="output folder (default: the config's out_dir)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("show-config", help="print the resolved config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -106,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _register_world_jobs()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]

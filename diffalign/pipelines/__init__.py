@@ -26,6 +26,21 @@ def get_family(name: str) -> type[FlowModel]:
     return FAMILIES[name]
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_model_path(path: str | os.PathLike) -> str:
+    """``"builtin:NAME"`` -> the folder of a model shipped inside the package (``diffalign/assets/NAME``)."""
+    path = os.fspath(path)
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX) :]
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no built-in model {name!r} (looked in {folder})")
+    return folder
+
+
 def load_flow_model(
     family: str,
     path: str | os.PathLike,
@@ -60,6 +75,7 @@ __all__ = [
     "check_images",
     "get_family",
     "load_flow_model",
+    "resolve_model_path",
     "resolve_dtype",
     "wrap_pipeline",
 ]

@@ -75,6 +75,7 @@ class FlowModel(ABC):
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
         self.nfe = 0
+        self._network: torch.nn.Module | None = None
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()
@@ -110,6 +111,16 @@ class FlowModel(ABC):
     @property
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The module ``velocity`` calls: the transformer, or the wrapper set by ``use_network`` (e.g. the DDP
+        module returned by ``accelerator.prepare``, so gradients are synchronised)."""
+        return self.transformer if self._network is None else self._network
+
+    def use_network(self, module: torch.nn.Module | None) -> None:
+        """Route ``velocity`` through ``module`` (a wrapper of this transformer), or back to the bare one (None)."""
+        self._network = module
 
     @property
     def device(self) -> torch.device:

@@ -54,7 +54,7 @@ class FluxFlowModel(FlowModel):
         if self.has_guidance_embedding:
             value = self.default_guidance_scale if guidance is None else guidance
             guidance_tensor = torch.full((batch,), value, device=self.device, dtype=torch.float32)
-        out = self.transformer(
+        out = self.network(
             hidden_states=packed,
             timestep=(t * 1000).to(self.dtype) / 1000,
             guidance=guidance_tensor,

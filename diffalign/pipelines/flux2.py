@@ -57,7 +57,7 @@ class Flux2FlowModel(FlowModel):
         if self.has_guidance_embedding:
             value = self.default_guidance_scale if guidance is None else guidance
             guidance_tensor = torch.full((batch,), value, device=self.device, dtype=torch.float32)
-        out = self.transformer(
+        out = self.network(
             hidden_states=tokens,
             timestep=(t * 1000).to(self.dtype) / 1000,
             guidance=guidance_tensor,

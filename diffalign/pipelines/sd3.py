@@ -49,7 +49,7 @@ class SD3FlowModel(FlowModel):
         return Cond(embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype), prompts=prompts)
 
     def _velocity(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | None) -> Tensor:
-        return self.transformer(
+        return self.network(
             hidden_states=x_t.to(self.dtype),
             timestep=t * 1000,
             encoder_hidden_states=cond.embeds,

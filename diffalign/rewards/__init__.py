@@ -1,0 +1,81 @@
+"""Rewards: the ``Reward`` interface, ``RewardSet``, and one module per reward family.
+
+``REWARDS`` is the registry (name -> class). ``build_reward`` also accepts a dotted path to user code,
+``"my_pkg.rewards:MyReward"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffalign.rewards.base import Reward, RewardError, RewardOutput, RewardSet
+from diffalign.rewards.world import WorldReward
+
+REWARDS: dict[str, type[Reward]] = {
+    "world": WorldReward,
+}
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    """One reward in a config: registry ``name`` (or ``module:Class``), its ``weight``, constructor ``args``, and
+    an optional ``label`` naming its component (default: the name), so one reward can appear twice."""
+
+    name: str
+    weight: float = 1.0
+    label: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def reward_class(name: str) -> type[Reward]:
+    """The class registered as ``name``, or the class at dotted path ``"package.module:Class"``."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import reward {name!r}: {e}") from e
+        if not (isinstance(cls, type) and issubclass(cls, Reward)):
+            raise TypeError(f"{name!r} is not a diffalign Reward subclass")
+        return cls
+    raise ValueError(f"unknown reward {name!r}; expected one of {sorted(REWARDS)} or 'module:Class'")
+
+
+def build_reward(name: str, **kwargs: Any) -> Reward:
+    """Instantiate a reward by registry name or dotted path."""
+    return reward_class(name)(**kwargs)
+
+
+def build_reward_set(configs: list[RewardConfig], key: str = "rewards") -> RewardSet:
+    """A ``RewardSet`` from config entries; component labels must be unique."""
+    if not configs:
+        raise ValueError(f"config key '{key}': at least one reward is needed")
+    rewards, weights = {}, {}
+    for i, cfg in enumerate(configs):
+        label = cfg.label or (cfg.name.rpartition(":")[2] if ":" in cfg.name else cfg.name)
+        if label in rewards:
+            raise ValueError(f"config key '{key}[{i}]': reward {label!r} listed twice")
+        try:
+            rewards[label] = build_reward(cfg.name, **cfg.args)
+        except TypeError as e:
+            raise ValueError(f"config key '{key}[{i}].args': {e}") from e
+        weights[label] = cfg.weight
+    return RewardSet(rewards, weights)
+
+
+__all__ = [
+    "REWARDS",
+    "Reward",
+    "RewardConfig",
+    "RewardError",
+    "RewardOutput",
+    "RewardSet",
+    "WorldReward",
+    "build_reward",
+    "build_reward_set",
+    "reward_class",
+]

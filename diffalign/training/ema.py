@@ -1,0 +1,65 @@
+"""Exponential moving average of a module's trainable parameters, checkpointable as a plain tensor dict."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class EMA:
+    """Shadow copies ``s <- d s + (1 - d) p`` of the trainable parameters of ``module``.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (n = number of updates), so
+    early shadows are not dominated by the random initialisation.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.module = module
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {n: p.detach().clone().float() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for n, p in self.module.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1 - d)
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Temporarily load the shadow weights into the module (for evaluation or export)."""
+        params = dict(self.module.named_parameters())
+        backup = {n: params[n].detach().clone() for n in self.shadow}
+        self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, value in backup.items():
+                    params[n].copy_(value)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        """Overwrite the module's trainable parameters with the shadow weights."""
+        params = dict(self.module.named_parameters())
+        for n, value in self.shadow.items():
+            params[n].copy_(value.to(params[n].dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"shadow.{n}": v for n, v in self.shadow.items()}
+        state["num_updates"] = torch.tensor(self.num_updates)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.shadow if f"shadow.{n}" not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]!r}")
+        for n in self.shadow:
+            self.shadow[n].copy_(state[f"shadow.{n}"])
+        self.num_updates = int(state["num_updates"])
