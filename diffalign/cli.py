@@ -24,6 +24,16 @@ def _register_world_jobs() -> None:
     JOBS.update({"pretrain": PretrainJob, "eval": EvalJob})
 
 
+def _train_job_class(path: str) -> tuple[type, type]:
+    from diffalign.algorithms import ALGORITHMS
+    from diffalign.config import _read_yaml
+
+    name = _read_yaml(path).get("algorithm", "flow_grpo")
+    if name not in ALGORITHMS:
+        raise ConfigError(f"config key 'algorithm': unknown algorithm {name!r}; expected one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
 log = logging.getLogger("diffalign")
 
 
@@ -80,6 +90,17 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     pretrain(_load_job("pretrain", args.config, args.overrides))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from diffalign.config import load_config
+    from diffalign.training.loop import run_training
+
+    found = read_kind(args.config)
+    if found != "train":
+        raise ConfigError(f"{args.config} is a '{found}' config; 'diffalign train' needs kind: train")
+    job_cls, trainer_cls = _train_job_class(args.config)
+    run_training(load_config(job_cls, args.config, args.overrides), trainer_cls)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from diffalign.world.jobs import run_eval
 
@@ -88,6 +109,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_show_config(args: argparse.Namespace) -> None:
     kind = read_kind(args.config)
+    if kind == "train":
+        sys.stdout.write(to_yaml(load_config(_train_job_class(args.config)[0], args.config, args.overrides)))
+        return
     if kind not in JOBS:
         raise ConfigError(f"{args.config}: unknown kind {kind!r}; expected one of {sorted(JOBS)}")
     sys.stdout.write(to_yaml(load_config(JOBS[kind], args.config, args.overrides)))
@@ -111,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (images, grid.png, index.jsonl, config.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.num_steps=20")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="fine-tune a model with an RL algorithm (kind: train)")
+    p.add_argument("config", help="YAML config with kind: train and an algorithm (flow_grpo)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="pretrain a world base model (codec + flow matching)")
     p.add_argument("config", help="YAML config with kind: pretrain")

@@ -10,6 +10,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffalign.config import ConfigError
 from diffalign.rewards.base import Reward, RewardError, RewardOutput, RewardSet
 from diffalign.rewards.world import WorldReward
 
@@ -53,16 +54,20 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
 def build_reward_set(configs: list[RewardConfig], key: str = "rewards") -> RewardSet:
     """A ``RewardSet`` from config entries; component labels must be unique."""
     if not configs:
-        raise ValueError(f"config key '{key}': at least one reward is needed")
+        raise ConfigError(f"config key '{key}': at least one reward is needed")
     rewards, weights = {}, {}
     for i, cfg in enumerate(configs):
         label = cfg.label or (cfg.name.rpartition(":")[2] if ":" in cfg.name else cfg.name)
         if label in rewards:
-            raise ValueError(f"config key '{key}[{i}]': reward {label!r} listed twice")
+            raise ConfigError(f"config key '{key}[{i}]': reward {label!r} listed twice (give it a label)")
         try:
-            rewards[label] = build_reward(cfg.name, **cfg.args)
+            cls = reward_class(cfg.name)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config key '{key}[{i}].name': {e}") from e
+        try:
+            rewards[label] = cls(**cfg.args)
         except TypeError as e:
-            raise ValueError(f"config key '{key}[{i}].args': {e}") from e
+            raise ConfigError(f"config key '{key}[{i}].args': {e}") from e
         weights[label] = cfg.weight
     return RewardSet(rewards, weights)
 

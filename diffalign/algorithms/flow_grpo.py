@@ -1,0 +1,332 @@
+"""Flow-GRPO: online policy-gradient RL for flow models (Liu et al. 2025, arXiv 2505.05470), with the windowed
+variants Flow-GRPO-Fast (random stochastic window) and MixGRPO (sliding window, Li et al. 2025, arXiv 2507.21802).
+
+Per epoch (``collect``):
+
+1. Draw ``prompts_per_epoch`` prompts (shared across processes) and repeat each ``group_size`` times; the
+   ``P x K`` samples are permuted and split over processes.
+2. Roll out with the SDE sampler (``sde``, ``noise_level``) for ``num_steps`` steps, stochastic on the window's
+   steps and Euler elsewhere, recording every stochastic transition's log-prob ``log p_old``.
+3. Score the decoded images with the ``RewardSet``; gather rewards over processes and compute per-prompt group
+   advantages ``A = (r - mean_prompt(r)) / (std + 1e-4)``, with the std over the whole epoch (``global_std``,
+   Flow-GRPO's default) or within the group.
+
+Update (``loss``, called by the shared loop for every trained step of every sample), Eq. 8 of the paper::
+
+    ratio = exp(log p_theta(x_{t+1} | x_t) - log p_old(x_{t+1} | x_t))
+    L_clip = mean( max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) ),     A clipped to +-adv_clip_max
+    L = L_clip + beta * KL( p_theta(. | x_t) || p_ref(. | x_t) )
+
+The KL between two Gaussian transitions with the same std is ``|mu_theta - mu_ref|^2 / (2 std^2)``, reduced over
+latent dims like the log-probs. The reference is the base model: the transformer with its LoRA disabled, or a
+frozen copy when the whole transformer is trained. CFG is applied identically in rollouts and training, so the
+ratio is exactly 1 before the first update. Denoising reduction: rollouts use ``num_steps`` (10), evaluation
+``sampling.num_steps`` (more).
+
+Defaults are the paper's SD3.5 GenEval settings where they transfer: ``noise_level`` 0.7, ``clip_range`` 1e-4,
+``adv_clip_max`` 5, ``beta`` 0.04, 10 rollout steps, ``timestep_fraction`` 0.99, global std, two optimizer steps
+per epoch, LoRA r32/alpha64, lr 3e-4, EMA 0.9 every 8 steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffalign.config import ConfigError
+from diffalign.sampling.sampler import SDE, guided_velocity, sample, transition_log_prob, window
+from diffalign.sampling.steps import step as transition_step
+from diffalign.training.loop import Rollout, RunSection, TrainContext, Trainer, check_finite, derive_layout, seeded
+from diffalign.types import Cond
+
+log = logging.getLogger("diffalign.flow_grpo")
+
+
+@dataclass(kw_only=True)
+class FlowGRPOConfig:
+    """Flow-GRPO settings (paper defaults in brackets).
+
+    Attributes:
+        prompts_per_epoch: distinct prompts per epoch, over all processes [48 on 32 GPUs].
+        group_size: samples per prompt K [24].
+        batch_size: samples per forward pass on one process, in rollouts and training [9].
+        num_steps: rollout denoising steps; evaluation uses ``sampling.num_steps`` [10 vs 40].
+        shift: static time shift for rollouts (null: the checkpoint's schedule).
+        guidance_scale: CFG scale in rollouts and in the training forward (1: no CFG) [4.5].
+        sde: stochastic step: ``flow_sde`` (Flow-GRPO), ``cps``, ``dance`` [flow_sde].
+        noise_level: the step's noise scale [0.7].
+        reduce: log-prob reduction over latent dims, ``mean`` or ``sum`` [mean].
+        window: which steps are stochastic: ``all``; ``fixed`` (``window_start``, ``window_size``); ``random``
+            (Flow-GRPO-Fast: a start drawn each epoch in ``[window_range[0], window_range[1] - size]``);
+            ``progressive`` (MixGRPO: the window slides one step toward data every ``window_shift_every`` epochs
+            and rolls back) [all].
+        timestep_fraction: fraction of the stochastic steps trained, a random subset per sample [0.99].
+        clip_range: PPO clip epsilon on the ratio [1e-4; 1e-5 for Fast].
+        adv_clip_max: advantages are clipped to +-this [5].
+        beta: KL coefficient to the reference model [0.04 GenEval, 0.01 PickScore, 0 Fast].
+        global_std: normalise advantages by the std over the whole epoch instead of per group [true].
+        updates_per_epoch: optimizer steps per epoch [2].
+    """
+
+    prompts_per_epoch: int = 16
+    group_size: int = 8
+    batch_size: int = 8
+    num_steps: int = 10
+    shift: float | None = None
+    guidance_scale: float = 4.5
+    sde: Literal["flow_sde", "cps", "dance"] = "flow_sde"
+    noise_level: float = 0.7
+    reduce: Literal["mean", "sum"] = "mean"
+    window: Literal["all", "fixed", "random", "progressive"] = "all"
+    window_size: int = 2
+    window_start: int = 0
+    window_range: list[int] | None = None
+    window_shift_every: int = 25
+    timestep_fraction: float = 0.99
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    beta: float = 0.04
+    global_std: bool = True
+    updates_per_epoch: int = 2
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"config key 'flow_grpo.{key}': {why}")
+
+        if self.group_size < 2:
+            raise bad("group_size", f"group advantages need at least 2 samples per prompt, got {self.group_size}")
+        for key in ("prompts_per_epoch", "batch_size", "num_steps", "updates_per_epoch", "window_shift_every"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.guidance_scale < 1:
+            raise bad("guidance_scale", f"must be >= 1, got {self.guidance_scale}")
+        if self.noise_level <= 0:
+            raise bad("noise_level", "must be > 0 (the rollouts must be stochastic)")
+        if not 0 < self.timestep_fraction <= 1:
+            raise bad("timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
+        if self.clip_range <= 0 or self.adv_clip_max <= 0 or self.beta < 0:
+            raise bad("clip_range/adv_clip_max/beta", "clip_range and adv_clip_max must be > 0, beta >= 0")
+        if self.window != "all" and not 1 <= self.window_size <= self.num_steps:
+            raise bad("window_size", f"must be in [1, num_steps={self.num_steps}], got {self.window_size}")
+        if self.window == "fixed" and self.window_start + self.window_size > self.num_steps:
+            raise bad("window_start", "the window runs past the last step")
+        if self.window == "random":
+            lo, hi = self.window_range or [0, self.num_steps // 2 + self.window_size]
+            if not (0 <= lo and lo + self.window_size <= hi <= self.num_steps):
+                raise bad("window_range", f"need 0 <= lo, lo + window_size <= hi <= num_steps; got [{lo}, {hi})")
+
+    def stochastic_steps(self, epoch: int, seed: int) -> list[int] | None:
+        """The stochastic step indices of ``epoch`` (None = all); the same on every process."""
+        if self.window == "all":
+            return None
+        if self.window == "fixed":
+            return window(self.window_start, self.window_size)
+        if self.window == "random":
+            lo, hi = self.window_range or [0, self.num_steps // 2 + self.window_size]
+            g = seeded(seed, epoch, 101)
+            return window(int(torch.randint(lo, hi - self.window_size + 1, (1,), generator=g)), self.window_size)
+        positions = self.num_steps - self.window_size + 1
+        return window((self.window_start + epoch // self.window_shift_every) % positions, self.window_size)
+
+
+@dataclass(kw_only=True)
+class FlowGRPOJob(RunSection):
+    """``diffalign train`` with ``algorithm: flow_grpo``."""
+
+    kind: Literal["train"] = "train"
+    algorithm: Literal["flow_grpo"] = "flow_grpo"
+    flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
+
+
+def group_advantages(rewards: Tensor, groups: Tensor, global_std: bool = True, eps: float = 1e-4) -> Tensor:
+    """Per-group normalised advantages.
+
+    Args:
+        rewards: ``(N,)`` rewards of every sample of the epoch (all processes).
+        groups: ``(N,)`` long, the prompt (group) id of each sample.
+        global_std: divide by the std over all N rewards (Flow-GRPO default) instead of each group's std.
+
+    Returns:
+        ``(N,)`` ``(r - mean_group) / (std + eps)``: zero mean within every group, exactly zero for a group whose
+        rewards are all equal.
+    """
+    advantages = torch.zeros_like(rewards, dtype=torch.float32)
+    overall_std = rewards.float().std(unbiased=False)
+    for g in groups.unique():
+        member = groups == g
+        r = rewards[member].float()
+        std = overall_std if global_std else r.std(unbiased=False)
+        advantages[member] = (r - r.mean()) / (std + eps)
+    return advantages
+
+
+class FlowGRPOTrainer(Trainer):
+    """Flow-GRPO over the shared loop (see the module docstring)."""
+
+    def __init__(self, ctx: TrainContext) -> None:
+        super().__init__(ctx)
+        self.cfg: FlowGRPOConfig = ctx.cfg.flow_grpo
+        acc = ctx.accelerator
+        total = self.cfg.prompts_per_epoch * self.cfg.group_size
+        self.local = derive_layout(total, acc.num_processes, self.cfg.batch_size, "flow_grpo.prompts_per_epoch")
+        s = ctx.cfg.sampling
+        self.times = ctx.flow.time_grid(self.cfg.num_steps, s.height, s.width, shift=self.cfg.shift)
+        self.shape = ctx.flow.latent_shape(s.height, s.width)
+        self.reference = None if ctx.uses_lora else copy.deepcopy(ctx.flow.transformer).requires_grad_(False)
+        self.cond: Cond | None = None
+        self.uncond: Cond | None = None
+        log.info(
+            "flow_grpo layout: %d prompts x %d samples = %d per epoch over %d processes -> %d per process, "
+            "%d per forward, %d optimizer steps per epoch",
+            self.cfg.prompts_per_epoch, self.cfg.group_size, total, acc.num_processes, self.local,
+            self.cfg.batch_size, self.cfg.updates_per_epoch,
+        )  # fmt: skip
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.cfg.updates_per_epoch
+
+    def sde(self, epoch: int) -> SDE:
+        return SDE(kind=self.cfg.sde, noise_level=self.cfg.noise_level,
+                   steps=self.cfg.stochastic_steps(epoch, self.ctx.seed), reduce=self.cfg.reduce)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------- collect
+    def epoch_prompts(self, epoch: int) -> tuple[list[str], Tensor]:
+        """All ``P x K`` prompts of the epoch in their shuffled global order, and their group ids."""
+        prompts = self.ctx.prompts
+        rng = np.random.default_rng([self.ctx.seed, epoch, 7])
+        chosen = rng.choice(len(prompts), size=self.cfg.prompts_per_epoch,
+                            replace=self.cfg.prompts_per_epoch > len(prompts))  # fmt: skip
+        groups = np.repeat(np.arange(self.cfg.prompts_per_epoch), self.cfg.group_size)
+        groups = groups[rng.permutation(len(groups))]
+        return [prompts[chosen[g]] for g in groups], torch.from_numpy(groups)
+
+    @torch.no_grad()
+    def collect(self, epoch: int) -> Rollout:
+        ctx, acc, cfg = self.ctx, self.ctx.accelerator, self.cfg
+        all_prompts, all_groups = self.epoch_prompts(epoch)
+        start = acc.process_index * self.local
+        prompts = all_prompts[start : start + self.local]
+        sde = self.sde(epoch)
+        flow = ctx.flow
+        cond = flow.encode_prompt(prompts)
+        uncond = flow.empty_cond(len(prompts)) if cfg.guidance_scale != 1 else None
+        states, log_probs, rewards, components = [], [], [], {}
+        for b in range(0, self.local, cfg.batch_size):
+            rows = list(range(b, b + cfg.batch_size))
+            gen = seeded(ctx.seed, epoch, acc.process_index, b, 1)
+            x_init = torch.randn((len(rows), *self.shape), generator=gen).to(flow.device)
+            with acc.autocast():
+                traj = sample(
+                    flow,
+                    cond.index(rows),
+                    self.times,
+                    x_init=x_init,
+                    generator=gen,
+                    sde=sde,
+                    guidance_scale=cfg.guidance_scale,
+                    uncond=None if uncond is None else uncond.index(rows),
+                )
+            images = flow.decode_latents(traj.final)
+            out = ctx.rewards(images, [prompts[r] for r in rows])
+            check_finite(out.total, "reward", epoch)
+            states.append(traj.states)
+            log_probs.append(traj.log_probs)
+            rewards.append(out.total)
+            for name, value in out.components.items():
+                components.setdefault(name, []).append(value)
+        states, log_probs, rewards = torch.cat(states), torch.cat(log_probs), torch.cat(rewards)
+
+        gathered = acc.gather(rewards)  # process-major = the global order of epoch_prompts
+        advantages_all = group_advantages(gathered.cpu(), all_groups, cfg.global_std)
+        advantages = advantages_all[start : start + self.local].to(flow.device)
+
+        trainable = [i for i in range(cfg.num_steps) if bool(torch.isfinite(log_probs[:, i]).all())]
+        if not trainable:
+            raise ConfigError("config key 'flow_grpo.window': no stochastic step with a density to train on")
+        n_train = max(1, int(len(trainable) * cfg.timestep_fraction))
+        g = seeded(ctx.seed, epoch, acc.process_index, 3)
+        pick = torch.stack([torch.randperm(len(trainable), generator=g)[:n_train] for _ in range(self.local)])
+        train_steps = torch.as_tensor(trainable)[pick]
+
+        self.cond, self.uncond = cond, uncond
+        group_std = torch.stack([gathered[all_groups.to(gathered.device) == k].std(unbiased=False)
+                                 for k in range(cfg.prompts_per_epoch)])  # fmt: skip
+        metrics = {
+            "reward_mean": float(gathered.mean()),
+            "reward_std": float(gathered.std(unbiased=False)),
+            "zero_std_ratio": float((group_std < 1e-6).float().mean()),
+            "stochastic_steps": float(len(trainable)),
+        }
+        for name, values in components.items():
+            metrics[f"reward/{name}"] = float(acc.gather(torch.cat(values)).nanmean())
+        return Rollout(states=states, log_probs=log_probs, times=self.times, train_steps=train_steps,
+                       prompts=prompts, advantages=advantages, rewards=rewards, metrics=metrics)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------- loss
+    @contextlib.contextmanager
+    def _reference(self):
+        """Run the flow as the reference model: LoRA disabled, or the frozen copy for full fine-tuning."""
+        flow = self.ctx.flow
+        network = flow.network
+        if self.reference is not None:
+            flow.use_network(self.reference)
+            try:
+                yield
+            finally:
+                flow.use_network(network)
+            return
+        flow.use_network(None)
+        flow.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            flow.transformer.enable_adapters()
+            flow.use_network(network)
+
+    def loss(self, rollout: Rollout, rows: Tensor, step_index: int, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, flow = self.cfg, self.ctx.flow
+        steps = rollout.train_steps[rows, step_index]
+        x_t = rollout.states[rows, steps]
+        x_next = rollout.states[rows, steps + 1]
+        t, t_next = rollout.times[steps], rollout.times[steps + 1]
+        cond = self.cond.index(rows)
+        uncond = None if self.uncond is None else self.uncond.index(rows)
+        sde = self.sde(epoch)
+        out = transition_log_prob(flow, x_t, x_next, t, t_next, cond, sde=sde, guidance_scale=cfg.guidance_scale,
+                                  uncond=uncond)  # fmt: skip
+        old = rollout.log_probs[rows, steps]
+        ratio = torch.exp(out.log_prob - old)
+        adv = rollout.advantages[rows].clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        unclipped = -adv * ratio
+        clipped = -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
+        policy = torch.maximum(unclipped, clipped).mean()
+        info = {
+            "ratio": ratio.detach(),
+            "clipfrac": ((ratio.detach() - 1).abs() > cfg.clip_range).float(),
+            "approx_kl": 0.5 * (out.log_prob.detach() - old) ** 2,
+            "policy_loss": policy.detach(),
+        }
+        loss = policy
+        if cfg.beta > 0:
+            with torch.no_grad(), self._reference():
+                v_ref = guided_velocity(flow, x_t, t, cond, guidance_scale=cfg.guidance_scale, uncond=uncond)
+                ref = transition_step(sde.kind, x_t, v_ref, t, t_next, noise_level=sde.noise_level, x_next=x_next)
+            dims = tuple(range(1, x_t.ndim))
+            sq = (out.mean - ref.mean) ** 2
+            sq = sq.mean(dim=dims) if cfg.reduce == "mean" else sq.sum(dim=dims)
+            kl = sq / (2 * out.std**2)
+            loss = loss + cfg.beta * kl.mean()
+            info["kl"] = kl.detach()
+        return loss, info

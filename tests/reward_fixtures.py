@@ -1,0 +1,29 @@
+"""Rewards defined outside the package, loaded through the dotted-path mechanism (``module:Class``)."""
+
+import torch
+
+from diffalign.rewards import Reward
+
+
+class Redness(Reward):
+    """Mean red-minus-blue of the image: a smooth, easily learned reward for tiny random models."""
+
+    name = "redness"
+
+    def score(self, images, prompts, **meta):
+        return (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
+
+
+class NaNAfterCalls(Reward):
+    """Behaves like ``Redness`` for ``ok_calls`` calls, then returns NaN (a broken reward)."""
+
+    name = "nan_after"
+
+    def __init__(self, ok_calls: int = 0):
+        self.calls = 0
+        self.ok_calls = ok_calls
+
+    def score(self, images, prompts, **meta):
+        self.calls += 1
+        value = (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
+        return value if self.calls <= self.ok_calls else torch.full_like(value, float("nan"))

@@ -1,0 +1,163 @@
+"""Flow-GRPO invariants on tiny real models: advantages, ratio = 1 and KL = 0 before the update, what trains,
+exact resume, bad input."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer, group_advantages
+from diffalign.config import ConfigError, load_config
+from diffalign.pipelines.tiny import build_tiny
+from diffalign.rewards import RewardError
+from diffalign.training.checkpoint import CheckpointError
+from diffalign.training.loop import TrainContext, run_training
+
+PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow cross"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for family in ("sd3", "flux"):
+        build_tiny(family).save_pretrained(root / family)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return root
+
+
+def _job(root, out, family="sd3", **overrides):
+    data = {
+        "output_dir": str(out),
+        "seed": 3,
+        "model": {"family": family, "path": str(root / family), "max_sequence_length": 16},
+        "lora": {"rank": 4, "alpha": 8},
+        "prompts": str(root / "prompts.txt"),
+        "eval_prompts": str(root / "prompts.txt"),
+        "rewards": [{"name": "reward_fixtures:Redness"}],
+        "train": {"epochs": 2, "lr": 1e-2, "ema_decay": 0.5, "ema_every": 1, "eval_every": 10,
+                  "checkpoint_every": 1, "eval_images_per_prompt": 2, "keep_checkpoints": 5},
+        "sampling": {"num_steps": 3, "height": 32, "width": 32, "guidance_scale": 2.0},
+        "flow_grpo": {"prompts_per_epoch": 2, "group_size": 4, "batch_size": 4, "num_steps": 4,
+                      "guidance_scale": 2.0, "beta": 0.04, "clip_range": 0.2},
+    }  # fmt: skip
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if name:
+            data[section] = {**data[section], name: value}
+        else:
+            data[key] = value
+    return load_config(FlowGRPOJob, data)
+
+
+# -------------------------------------------------------------------------------------------- advantages
+def test_group_advantages_zero_mean_per_group_and_zero_for_constant_groups():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.0, 4.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    for global_std in (True, False):
+        adv = group_advantages(rewards, groups, global_std=global_std)
+        for g in range(3):
+            assert adv[groups == g].mean().abs() < 1e-6
+        assert torch.equal(adv[groups == 1], torch.zeros(3))
+    per_group = group_advantages(rewards, groups, global_std=False)
+    torch.testing.assert_close(per_group[:3], torch.tensor([-1.0, 0.0, 1.0]) / (torch.tensor(2 / 3).sqrt() + 1e-4))
+    glob = group_advantages(rewards, groups, global_std=True)
+    torch.testing.assert_close(glob[:3], torch.tensor([-1.0, 0.0, 1.0]) / (rewards.std(unbiased=False) + 1e-4))
+
+
+# -------------------------------------------------------------------------------------------- invariants
+@pytest.mark.parametrize("window", ["all", "random"])
+def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_models, tmp_path, window):
+    job = _job(tiny_models, tmp_path / "run", **{"flow_grpo.window": window})
+    ctx = TrainContext(job)
+    trainer = FlowGRPOTrainer(ctx)
+    ctx.finish_setup(trainer.updates_per_epoch)
+    rollout = trainer.collect(0)
+    assert rollout.states.shape == (8, 5, 4, 16, 16) and rollout.advantages.shape == (8,)
+    rows = torch.arange(8)
+    for j in range(rollout.train_steps.shape[1]):
+        with torch.no_grad():
+            loss, info = trainer.loss(rollout, rows, j, 0)
+        torch.testing.assert_close(info["ratio"], torch.ones(8), rtol=0, atol=1e-5)
+        assert info["kl"].abs().max() < 1e-10
+        assert info["clipfrac"].sum() == 0
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lora_parameters_change_and_frozen_ones_do_not(tiny_models, tmp_path, family):
+    job = _job(tiny_models, tmp_path / "run", family=family, **{"train.epochs": 1})
+    ctx = TrainContext(job)
+    trainer = FlowGRPOTrainer(ctx)
+    ctx.finish_setup(trainer.updates_per_epoch)
+    before = {n: p.detach().clone() for n, p in ctx.flow.transformer.named_parameters()}
+    rollout = trainer.collect(0)
+    assert rollout.advantages.abs().sum() > 0
+    trainer.update(rollout, 0)
+    changed = {n for n, p in ctx.flow.transformer.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "no parameter changed"
+    assert all("lora_" in n for n in changed), [n for n in changed if "lora_" not in n][:3]
+    assert any("lora_B" in n for n in changed)
+    for module in ("vae", "text_encoder", "text_encoder_2"):
+        assert not any(p.requires_grad for p in getattr(ctx.flow.pipe, module).parameters())
+
+
+def test_training_run_writes_outputs_and_resumes_identically(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    run_training(_job(tiny_models, out), FlowGRPOTrainer)
+    for name in ("config.yaml", "history.jsonl", "curves.png", "eval_before.json", "eval_after.json",
+                 "grids/before.png", "grids/after.png", "final/pytorch_lora_weights.safetensors"):  # fmt: skip
+        assert (out / name).exists(), name
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000002")
+    shutil.rmtree(resumed / "final")
+    run_training(_job(tiny_models, resumed), FlowGRPOTrainer)
+    a = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "final" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exported_lora_loads_into_the_stock_pipeline(tiny_models, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "run"
+    run_training(_job(tiny_models, out, **{"train.epochs": 1}), FlowGRPOTrainer)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_models / "sd3")
+    pipe.load_lora_weights(out / "final")
+    images = pipe(prompt=PROMPTS[:1], height=32, width=32, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32)
+
+
+# -------------------------------------------------------------------------------------------- bad input
+def test_nan_reward_stops_training_and_keeps_the_last_good_checkpoint(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    # 1 eval call (before) + 2 rollout batches in epoch 1 succeed, epoch 2's rollout returns NaN
+    rewards = [{"name": "reward_fixtures:NaNAfterCalls", "args": {"ok_calls": 3}}]
+    with pytest.raises(RewardError, match="NaN"):
+        run_training(_job(tiny_models, out, rewards=rewards), FlowGRPOTrainer)
+    assert (out / "checkpoints" / "step-000001" / "state.json").exists()
+    assert not (out / "checkpoints" / "step-000002").exists()
+
+
+def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    run_training(_job(tiny_models, out, **{"train.epochs": 1}), FlowGRPOTrainer)
+    (out / "checkpoints" / "step-000001" / "modules" / "trained.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="step-000001"):
+        run_training(_job(tiny_models, out, **{"train.epochs": 2}), FlowGRPOTrainer)
+
+
+def test_bad_configs(tiny_models, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="prompts"):
+        TrainContext(_job(tiny_models, tmp_path / "a", prompts=str(empty)))
+    with pytest.raises(ConfigError, match="flow_grpo.group_size"):
+        _job(tiny_models, tmp_path / "b", **{"flow_grpo.group_size": 1})
+    job = _job(tiny_models, tmp_path / "c", **{"flow_grpo.batch_size": 3})
+    with pytest.raises(ConfigError, match="flow_grpo.prompts_per_epoch"):
+        FlowGRPOTrainer(TrainContext(job))
+    with pytest.raises(ConfigError, match="flow_grpo.window_range"):
+        _job(tiny_models, tmp_path / "d", **{"flow_grpo.window": "random", "flow_grpo.window_range": [3, 4]})
+    with pytest.raises(ConfigError, match="unknown reward|rewards"):
+        TrainContext(_job(tiny_models, tmp_path / "e", rewards=[{"name": "no_such_reward"}]))
