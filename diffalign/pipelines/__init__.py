@@ -49,9 +49,10 @@ def load_flow_model(
     lora: str | os.PathLike | None = None,
     max_sequence_length: int | None = None,
 ) -> FlowModel:
-    """Load a pipeline of ``family`` from a hub id or folder and wrap it; optionally load a diffusers LoRA."""
+    """Load a pipeline of ``family`` from a hub id, a folder or ``builtin:NAME`` and wrap it; optionally load a
+    LoRA in diffusers' format."""
     flow = get_family(family).from_pretrained(
-        path, dtype=dtype, device=device, max_sequence_length=max_sequence_length
+        resolve_model_path(path), dtype=dtype, device=device, max_sequence_length=max_sequence_length
     )
     if lora:
         flow.load_lora(lora)
