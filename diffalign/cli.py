@@ -1,7 +1,8 @@
 """The ``diffalign`` command line: ``diffalign COMMAND CONFIG [key=value ...]``.
 
-Commands: ``sample`` (prompts -> images + grid), ``show-config`` (print the resolved config), ``tiny`` (save a
-tiny random-weight pipeline of a family, for trying things out offline).
+Commands: ``train`` (RL fine-tuning), ``sample`` (prompts -> images + grid), ``eval`` (the embedded world's
+held-out benchmark), ``pretrain`` (build a world base model), ``score`` and ``train-reward`` (rewards),
+``show-config`` (print the resolved config), ``tiny`` (save a tiny random-weight pipeline of a family).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from diffalign.config import ConfigError, SampleJob, load_config, read_kind, res
 JOBS: dict[str, type] = {"sample": SampleJob}
 
 
-def _register_world_jobs() -> None:
+def _register_jobs() -> None:
+    from diffalign.rewards.commands import JOBS as REWARD_JOBS
     from diffalign.world.jobs import EvalJob
     from diffalign.world.pretrain import PretrainJob
 
-    JOBS.update({"pretrain": PretrainJob, "eval": EvalJob})
+    JOBS.update({"pretrain": PretrainJob, "eval": EvalJob, **REWARD_JOBS})
 
 
 def _train_job_class(path: str) -> tuple[type, type]:
@@ -152,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_eval)
 
+    from diffalign.rewards.commands import add_commands as add_reward_commands
+
+    add_reward_commands(sub)
+
     p = sub.add_parser("show-config", help="print the resolved config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -167,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _register_world_jobs()
+    _register_jobs()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]

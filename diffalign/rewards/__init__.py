@@ -12,10 +12,29 @@ from typing import Any
 
 from diffalign.config import ConfigError
 from diffalign.rewards.base import Reward, RewardError, RewardOutput, RewardSet
+from diffalign.rewards.jpeg import JpegCompressibilityReward, JpegIncompressibilityReward
+from diffalign.rewards.models import ArtifactReward, MultiAspectReward, PreferenceModelReward
+from diffalign.rewards.preference import (
+    AestheticReward,
+    CLIPScoreReward,
+    HPSv2Reward,
+    ImageRewardReward,
+    PickScoreReward,
+)
 from diffalign.rewards.world import WorldReward
 
 REWARDS: dict[str, type[Reward]] = {
     "world": WorldReward,
+    "pickscore": PickScoreReward,
+    "hpsv2": HPSv2Reward,
+    "imagereward": ImageRewardReward,
+    "aesthetic": AestheticReward,
+    "clipscore": CLIPScoreReward,
+    "jpeg_compressibility": JpegCompressibilityReward,
+    "jpeg_incompressibility": JpegIncompressibilityReward,
+    "preference_model": PreferenceModelReward,
+    "artifact": ArtifactReward,
+    "multi_aspect": MultiAspectReward,
 }
 
 
@@ -74,6 +93,16 @@ def build_reward_set(configs: list[RewardConfig], key: str = "rewards") -> Rewar
 
 __all__ = [
     "REWARDS",
+    "AestheticReward",
+    "ArtifactReward",
+    "CLIPScoreReward",
+    "HPSv2Reward",
+    "ImageRewardReward",
+    "JpegCompressibilityReward",
+    "JpegIncompressibilityReward",
+    "MultiAspectReward",
+    "PickScoreReward",
+    "PreferenceModelReward",
     "Reward",
     "RewardConfig",
     "RewardError",
