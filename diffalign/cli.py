@@ -14,8 +14,12 @@ import os
 import sys
 
 from diffalign.config import ConfigError, SampleJob, load_config, read_kind, resolve_device, save_config, to_yaml
+from diffalign.rewards.base import RewardError
+from diffalign.training.checkpoint import CheckpointError
 
 JOBS: dict[str, type] = {"sample": SampleJob}
+# errors that mean bad input or a failed run, reported as one line (exit code 2) instead of a traceback
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, TypeError, RewardError, CheckpointError, FloatingPointError)
 
 
 def _register_jobs() -> None:
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, TypeError) as e:
+    except USER_ERRORS as e:
         print(f"diffalign {args.command}: error: {e}", file=sys.stderr)  # noqa: T201
         return 2
     return 0

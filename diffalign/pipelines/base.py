@@ -310,6 +310,6 @@ def check_images(images: Tensor) -> None:
         raise TypeError("images must be a float tensor (B, 3, H, W) in [0, 1]")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-    lo, hi = float(images.min()), float(images.max())
+    lo, hi = float(images.detach().min()), float(images.detach().max())
     if lo < -1e-4 or hi > 1 + 1e-4:
         raise ValueError(f"images must lie in [0, 1], got values in [{lo:.3f}, {hi:.3f}]")
