@@ -13,7 +13,16 @@ import logging
 import os
 import sys
 
-from diffalign.config import ConfigError, SampleJob, load_config, read_kind, resolve_device, save_config, to_yaml
+from diffalign.config import (
+    ConfigError,
+    SampleJob,
+    load_config,
+    read_kind,
+    read_prompt_file,
+    resolve_device,
+    save_config,
+    to_yaml,
+)
 from diffalign.rewards.base import RewardError
 from diffalign.training.checkpoint import CheckpointError
 
@@ -43,17 +52,6 @@ def _train_job_class(path: str) -> tuple[type, type]:
 log = logging.getLogger("diffalign")
 
 
-def read_prompts(path: str) -> list[str]:
-    """Non-empty, stripped lines of a text file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist")
-    with open(path) as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path!r} has no prompts")
-    return prompts
-
-
 def _load_job(kind: str, path: str, overrides: list[str]):
     found = read_kind(path)
     if found != kind:
@@ -67,7 +65,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from diffalign.sampling.generate import generate
 
     job: SampleJob = _load_job("sample", args.config, args.overrides)
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompt_file(args.prompts)
     flow = load_flow_model(
         job.model.family,
         job.model.path,

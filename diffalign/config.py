@@ -46,6 +46,18 @@ def read_kind(path: str | os.PathLike) -> str:
     return kind
 
 
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """Non-empty, stripped lines of a text file; ``FileNotFoundError`` / ``ValueError`` when missing or empty."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path!r} has no prompts")
+    return prompts
+
+
 def _parse_overrides(overrides: list[str]) -> Any:
     for item in overrides:
         if "=" not in item or item.startswith("="):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -112,15 +113,15 @@ def _mlp(d_in: int, hidden: int, d_out: int = 1) -> nn.Sequential:
 
 
 # -------------------------------------------------------------------------------------------- save / load
-class RewardModel(nn.Module):
+class RewardModel(nn.Module, metaclass=ABCMeta):
     """Base of the trainable reward models: ``config()`` (JSON-able constructor kwargs) + safetensors weights."""
 
     model_type: ClassVar[str] = "reward_model"
     tokenizer: Any = None
 
+    @abstractmethod
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments (JSON-serialisable) that rebuild this architecture."""
-        raise NotImplementedError
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json``, ``model.safetensors`` and (if any) ``tokenizer/`` into ``directory``."""
@@ -198,7 +199,7 @@ def load_reward_model(source: str | os.PathLike) -> RewardModel:
 
 
 # ------------------------------------------------------------------------------------------- the backbones
-class ImageTextBackbone(nn.Module):
+class ImageTextBackbone(nn.Module, metaclass=ABCMeta):
     """A dual image/text encoder: ``embed(images, prompts)`` -> unit-norm ``(B, D)`` image and text embeddings.
 
     Two implementations, chosen by ``config["type"]``: ``transformers`` (a ``CLIPModel`` of any size, built from a
@@ -219,18 +220,18 @@ class ImageTextBackbone(nn.Module):
             return OpenCLIPBackbone(**kwargs)
         raise ValueError(f"unknown backbone type {kind!r}; expected 'transformers' or 'open_clip'")
 
+    @abstractmethod
     def config(self) -> dict[str, Any]:
         """JSON-able description (``build`` inverts it)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def logit_scale(self) -> nn.Parameter:
         """CLIP's learned log temperature (scalar parameter)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, pixels: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Preprocessed pixels and prompts -> unnormalised image and text embeddings."""
-        raise NotImplementedError
 
     def embed(self, images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Images ``(B, 3, H, W)`` in [0, 1] + ``B`` prompts -> unit-norm float32 ``(B, D)`` image and text

@@ -24,7 +24,7 @@ from PIL import Image
 from diffalign.config import ConfigError, save_config
 from diffalign.images import from_pil
 from diffalign.rewards import RewardConfig, build_reward_set
-from diffalign.rewards.data import IMAGE_EXTENSIONS
+from diffalign.rewards.data import IMAGE_EXTENSIONS, _read_jsonl
 
 log = logging.getLogger("diffalign.score")
 
@@ -63,20 +63,11 @@ def list_images(directory: str) -> list[str]:
 
 def read_index(path: str) -> list[tuple[str, str]]:
     """``(file, prompt)`` rows of an ``index.jsonl``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt index {path!r} does not exist")
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
-            if not isinstance(row, dict) or "file" not in row or "prompt" not in row:
-                raise ValueError(f"{path}:{lineno}: each row needs 'file' and 'prompt'")
-            rows.append((str(row["file"]), str(row["prompt"])))
+    for lineno, row in enumerate(_read_jsonl(path), 1):
+        if "file" not in row or "prompt" not in row:
+            raise ValueError(f"{path}: row {lineno} needs 'file' and 'prompt'")
+        rows.append((str(row["file"]), str(row["prompt"])))
     if not rows:
         raise ValueError(f"prompt index {path!r} is empty")
     return rows

@@ -31,7 +31,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffalign.config import ConfigError, ModelConfig, SamplingConfig, resolve_device, save_config
+from diffalign.config import ConfigError, ModelConfig, SamplingConfig, read_prompt_file, resolve_device, save_config
 from diffalign.pipelines import FlowModel, load_flow_model
 from diffalign.rewards import RewardConfig, RewardSet, build_reward_set
 from diffalign.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -142,13 +142,10 @@ def load_prompts(source: str, key: str) -> list[str]:
         if split not in ("train", "test"):
             raise ConfigError(f"config key '{key}': unknown world split {split!r} (train or test)")
         return [p.text for p in split_prompts(split)]
-    if not os.path.isfile(source):
-        raise ConfigError(f"config key '{key}': prompt file {source!r} does not exist")
-    with open(source) as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ConfigError(f"config key '{key}': prompt file {source!r} has no prompts")
-    return prompts
+    try:
+        return read_prompt_file(source)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key '{key}': {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------- seeding
