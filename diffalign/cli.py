@@ -1,7 +1,8 @@
 """The ``diffalign`` command line: ``diffalign COMMAND CONFIG [key=value ...]``.
 
-Commands: ``train`` (RL fine-tuning), ``sample`` (prompts -> images + grid), ``eval`` (the embedded world's
-held-out benchmark), ``pretrain`` (build a world base model), ``score`` and ``train-reward`` (rewards),
+Commands: ``train`` (RL fine-tuning), ``sample`` (prompts -> images + grid), ``steer`` (inference-time steering
+toward a reward), ``eval`` (the embedded world's held-out benchmark), ``pretrain`` (build a world base model),
+``score`` and ``train-reward`` (rewards),
 ``show-config`` (print the resolved config), ``tiny`` (save a tiny random-weight pipeline of a family).
 """
 
@@ -33,10 +34,11 @@ USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, TypeError, RewardErro
 
 def _register_jobs() -> None:
     from diffalign.rewards.commands import JOBS as REWARD_JOBS
+    from diffalign.steering.jobs import SteerJob
     from diffalign.world.jobs import EvalJob
     from diffalign.world.pretrain import PretrainJob
 
-    JOBS.update({"pretrain": PretrainJob, "eval": EvalJob, **REWARD_JOBS})
+    JOBS.update({"pretrain": PretrainJob, "eval": EvalJob, "steer": SteerJob, **REWARD_JOBS})
 
 
 def _train_job_class(path: str) -> tuple[type, type]:
@@ -111,6 +113,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run_eval(_load_job("eval", args.config, args.overrides), out=args.out)
 
 
+def cmd_steer(args: argparse.Namespace) -> None:
+    from diffalign.steering.jobs import run_steer
+
+    job = _load_job("steer", args.config, args.overrides)
+    run_steer(job, read_prompt_file(args.prompts), args.out)
+
+
 def cmd_show_config(args: argparse.Namespace) -> None:
     kind = read_kind(args.config)
     if kind == "train":
@@ -155,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: the config's out_dir)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("steer", help="inference-time steering toward a reward (DTS, DTS*, Doob, SMC, best-of-N)")
+    p.add_argument("config", help="YAML config with kind: steer")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="output folder (images, grid.png, index.jsonl, summary.json)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=best_of_n budget=400")
+    p.set_defaults(func=cmd_steer)
 
     from diffalign.rewards.commands import add_commands as add_reward_commands
 

@@ -1,0 +1,67 @@
+"""Inference-time steering toward a reward, without training: DTS / DTS* tree sampling and search, Doob
+h-transform steering, SMC / Feynman-Kac steering and best-of-N, all under one NFE budget accounting.
+
+Example::
+
+    from diffalign.steering import SteeringPipeline
+
+    pipe = SteeringPipeline.from_pretrained("builtin:world-sd3", family="sd3")
+    out = pipe(prompt="a photo of a red circle", reward="world", method="dts_star", budget=800,
+               num_inference_steps=20, guidance_scale=3.0, height=64, width=64)
+    out.images[0], out.rewards, out.nfe
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from diffalign.steering.base import BudgetError, SteeringProblem, SteeringResult, image_reward
+from diffalign.steering.best_of_n import best_of_n
+from diffalign.steering.doob import doob
+from diffalign.steering.smc import smc
+from diffalign.steering.tree import DiffusionTree, tree_steering
+
+METHODS: dict[str, Callable[..., SteeringResult]] = {
+    "best_of_n": best_of_n,
+    "smc": smc,
+    "dts": partial(tree_steering, search=False),
+    "dts_star": partial(tree_steering, search=True),
+    "doob": doob,
+}
+
+
+def steer(
+    problem: SteeringProblem,
+    method: str,
+    budget: int,
+    *,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> SteeringResult:
+    """Run steering method ``method`` (a key of ``METHODS``) on ``problem`` with ``budget`` NFE."""
+    if method not in METHODS:
+        raise ValueError(f"unknown steering method {method!r}; expected one of {sorted(METHODS)}")
+    return METHODS[method](problem, budget, generator=generator, **kwargs)
+
+
+from diffalign.steering.pipeline import SteeringPipeline, SteeringPipelineOutput  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "BudgetError",
+    "DiffusionTree",
+    "SteeringPipeline",
+    "SteeringPipelineOutput",
+    "SteeringProblem",
+    "SteeringResult",
+    "best_of_n",
+    "doob",
+    "image_reward",
+    "smc",
+    "steer",
+    "tree_steering",
+]

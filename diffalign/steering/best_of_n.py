@@ -1,0 +1,73 @@
+"""Best-of-N: draw N independent samples per output and keep the highest-reward one.
+
+The baseline every inference-time search is compared with (DTS paper, arXiv 2506.20701, Sec. 5; FK steering,
+arXiv 2501.06848). With a budget of ``B`` NFE and ``n`` outputs, each output gets ``N = B // (n * sample_cost)``
+candidates. Ties go to the first candidate, so a constant reward returns exactly what plain sampling with the
+same generator returns.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from diffalign.sampling.sampler import sample
+from diffalign.steering.base import SteeringProblem, SteeringResult, chunks
+
+
+@torch.no_grad()
+def best_of_n(
+    problem: SteeringProblem,
+    budget: int,
+    *,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> SteeringResult:
+    """Best-of-N under an NFE budget.
+
+    Args:
+        problem: the prompt, sampler and reward.
+        budget: NFE available; must buy at least one full sample per output.
+        num_samples: outputs n.
+        generator: noise source (initial noise and every stochastic step).
+        batch_size: candidates per sampler call.
+
+    Returns:
+        ``SteeringResult`` with the n winners; ``info["candidates"]`` = N and ``info["all_rewards"]`` ``(n, N)``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    problem.check_budget(budget, num_samples * problem.sample_cost, f"{num_samples} samples")
+    per_output = budget // (num_samples * problem.sample_cost)
+    total = per_output * num_samples
+    nfe_start = problem.flow.nfe
+    finals, rewards = [], []
+    for size in tqdm(chunks(total, batch_size), desc="best-of-N", disable=not progress, leave=False):
+        cond, uncond = problem._batch_conds(size)
+        traj = sample(
+            problem.flow,
+            cond,
+            problem.times,
+            shape=problem.shape,
+            generator=generator,
+            sde=problem.sde,
+            guidance_scale=problem.guidance_scale,
+            uncond=uncond,
+            guidance=problem.guidance,
+            keep_states=False,
+        )
+        finals.append(traj.final)
+        rewards.append(problem.score(traj.final, "best-of-N"))
+    candidates = torch.cat(finals).view(num_samples, per_output, *problem.shape)
+    all_rewards = torch.cat(rewards).view(num_samples, per_output)
+    best = all_rewards.argmax(dim=1)
+    rows = torch.arange(num_samples, device=best.device)
+    return SteeringResult(
+        latents=candidates[rows.to(candidates.device), best.to(candidates.device)],
+        rewards=all_rewards[rows, best],
+        nfe=problem.flow.nfe - nfe_start,
+        method="best_of_n",
+        info={"candidates": per_output, "all_rewards": all_rewards},
+    )

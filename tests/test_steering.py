@@ -1,0 +1,250 @@
+"""Inference-time steering: invariants on tiny real pipelines and quality on the analytic Gaussian-mixture flow."""
+
+import math
+
+import pytest
+import torch
+
+from diffalign.pipelines import wrap_pipeline
+from diffalign.pipelines.tiny import build_tiny
+from diffalign.rewards.base import RewardError
+from diffalign.sampling import SDE, sample
+from diffalign.steering import METHODS, BudgetError, DiffusionTree, SteeringPipeline, SteeringProblem, steer
+from diffalign.steering.analytic import GaussianMixture, GaussianMixtureFlow, energy_distance
+from diffalign.steering.base import systematic_resample
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return wrap_pipeline(build_tiny("sd3"))
+
+
+def _mean_latent(z):
+    return z.flatten(1).mean(1)
+
+
+def _problem(flow, reward=_mean_latent, cfg=2.0, lam=1.0, sde=None):
+    return SteeringProblem(
+        flow=flow,
+        cond=flow.encode_prompt(["a red circle"]),
+        times=flow.time_grid(STEPS, 32, 32),
+        shape=flow.latent_shape(32, 32),
+        reward=reward,
+        sde=sde or SDE(),
+        guidance_scale=cfg,
+        inverse_temperature=lam,
+    )
+
+
+def _plain(problem, batch, seed):
+    cond, uncond = problem._batch_conds(batch)
+    g = torch.Generator().manual_seed(seed)
+    return sample(problem.flow, cond, problem.times, shape=problem.shape, generator=g, sde=problem.sde,
+                  guidance_scale=problem.guidance_scale, uncond=uncond).final  # fmt: skip
+
+
+def _constant(z):
+    return torch.full((z.shape[0],), 0.3)
+
+
+# ------------------------------------------------------------------------------------------ constant reward
+
+
+def test_constant_reward_best_of_n_returns_the_first_plain_sample(sd3):
+    problem = _problem(sd3, _constant)
+    out = steer(problem, "best_of_n", 4 * problem.sample_cost, generator=torch.Generator().manual_seed(5))
+    assert out.info["candidates"] == 4
+    assert torch.equal(out.latents[0], _plain(problem, 4, 5)[0])
+
+
+def test_constant_reward_smc_never_resamples_and_equals_plain_sampling(sd3):
+    problem = _problem(sd3, _constant)
+    out = steer(problem, "smc", 3 * problem.sample_cost, generator=torch.Generator().manual_seed(6))
+    assert out.info["resample_steps"] == [] and out.info["ancestors"].tolist() == [0, 1, 2]
+    assert torch.equal(out.latents, _plain(problem, 3, 6))
+
+
+def test_constant_reward_doob_correction_is_zero_and_samples_equal_plain(sd3):
+    problem = _problem(sd3, _constant)
+    out = steer(problem, "doob", 10_000, num_samples=2, num_candidates=4, generator=torch.Generator().manual_seed(7))
+    assert all(n == 0 for n in out.info["shift_norms"])
+    assert torch.equal(out.latents, _plain(problem, 2, 7))
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_constant_reward_tree_values_are_constant_and_rollouts_are_plain_samples(sd3, search):
+    problem = _problem(sd3, _constant)
+    tree = DiffusionTree(problem, search=search, branch_steps=[0, 2], generator=torch.Generator().manual_seed(8))
+    tree.grow(12 * problem.sample_cost)
+    assert all(n.value == pytest.approx(0.3, abs=1e-6) for n in tree.nodes[1:])
+    # the first wave: the root widens to 2 children, rolled out together exactly as plain sampling of 2
+    first_two = torch.stack([tree.nodes[i].state for i in tree.leaves[:2]])
+    assert torch.equal(first_two, _plain(problem, 2, 8))
+    if not search:  # DTS's read-out is then the base process: uniform over the children at every node
+        ids, probs = tree.leaf_probabilities()
+        for leaf, p in zip(ids, probs.tolist(), strict=True):
+            expected, node = 1.0, tree.nodes[leaf]
+            while node.parent >= 0:
+                expected /= len(tree.nodes[node.parent].children)
+                node = tree.nodes[node.parent]
+            assert p == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------ NFE accounting
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_nfe_equals_transformer_rows_and_respects_the_budget(sd3, method):
+    rows = []
+    handle = sd3.transformer.register_forward_hook(
+        lambda m, a, kw, o: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    problem = _problem(sd3)
+    budget = 7 * problem.sample_cost + 3
+    try:
+        out = steer(problem, method, budget, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert out.nfe == sum(rows) <= budget
+    assert out.nfe >= problem.sample_cost and out.latents.shape[1:] == problem.shape
+    assert torch.isfinite(out.rewards).all()
+
+
+def test_nfe_without_cfg_counts_one_per_particle_step(sd3):
+    problem = _problem(sd3, cfg=1.0)
+    assert problem.step_cost == 1 and problem.sample_cost == STEPS
+    out = steer(problem, "best_of_n", 3 * STEPS, generator=torch.Generator().manual_seed(0))
+    assert out.nfe == 3 * STEPS
+
+
+def test_tree_is_anytime_and_read_out_needs_no_model_calls(sd3):
+    problem = _problem(sd3)
+    tree = DiffusionTree(problem, search=True, branch_steps=[0, 2, 4], generator=torch.Generator().manual_seed(1))
+    first = tree.grow(5 * problem.sample_cost)
+    leaves = len(tree.leaves)
+    second = tree.grow(5 * problem.sample_cost)
+    assert len(tree.leaves) > leaves and tree.nfe == first + second
+    nfe = sd3.nfe
+    latents, rewards, ids = tree.sample(8, greedy=False)
+    assert sd3.nfe == nfe and latents.shape == (8, *problem.shape)
+    torch.testing.assert_close(rewards, _mean_latent(latents))
+    # DTS*'s greedy read-out follows argmax v: its leaf has the best value among its siblings
+    _, _, (greedy,) = tree.sample(1)
+    siblings = tree.nodes[tree.nodes[greedy].parent].children
+    assert tree.nodes[greedy].value == max(tree.nodes[c].value for c in siblings)
+
+
+# ------------------------------------------------------------------------------------------ steering works
+
+
+def test_every_method_raises_the_reward_on_a_tiny_model(sd3):
+    problem = _problem(sd3, lam=50.0)
+    budget = 16 * problem.sample_cost
+    base = _mean_latent(_plain(problem, 16, 3)).mean()
+    for method in ["best_of_n", "dts_star", "smc"]:
+        out = steer(problem, method, budget, generator=torch.Generator().manual_seed(3))
+        assert out.rewards.mean() > base, method
+
+
+@pytest.mark.parametrize("estimator", ["gradient", "mc"])
+def test_doob_shifts_every_sample_toward_higher_reward(sd3, estimator):
+    # the sampler's own noise is shared with plain sampling, so the comparison is paired sample by sample
+    problem = _problem(sd3, lam=200.0)
+    plain = _mean_latent(_plain(problem, 4, 4))
+    out = steer(problem, "doob", 10_000, num_samples=4, estimator=estimator, num_candidates=None if estimator ==
+                "gradient" else 8, generator=torch.Generator().manual_seed(4))  # fmt: skip
+    assert (out.rewards > plain).all(), (out.rewards, plain)
+
+
+# ------------------------------------------------------------------------------------------ analytic target
+
+
+def _ring_problem(lam, steps=40):
+    mixture = GaussianMixture.ring()
+    flow = GaussianMixtureFlow(mixture)
+    direction = torch.tensor([1.0, 0.0])
+    problem = SteeringProblem(flow=flow, cond=flow.cond(), times=torch.linspace(1, 0, steps + 1), shape=(2, 1, 1),
+                              reward=lambda z: z.flatten(1) @ direction, inverse_temperature=lam)  # fmt: skip
+    return problem, mixture.tilt_linear(direction, lam)
+
+
+def test_gaussian_mixture_velocity_transports_noise_to_the_mixture():
+    problem, _ = _ring_problem(1.0)
+    mixture = problem.flow.mixture
+    x = sample(problem.flow, problem.flow.cond(2000), problem.times, shape=(2, 1, 1),
+               generator=torch.Generator().manual_seed(0)).final.flatten(1)  # fmt: skip
+    data = mixture.sample(2000, torch.Generator().manual_seed(1))
+    assert energy_distance(x, data) < 0.02
+    assert energy_distance(x, data) < 0.1 * energy_distance(x, data + 1.0)
+
+
+def test_tilt_linear_matches_importance_weighting():
+    mixture = GaussianMixture.ring()
+    c, lam = torch.tensor([0.5, -1.0]), 0.7
+    x = mixture.sample(200_000, torch.Generator().manual_seed(0)).double()
+    w = torch.softmax(lam * (x @ c.double()), 0)
+    tilted = mixture.tilt_linear(c, lam)
+    exact_mean = (tilted.weights[:, None] * tilted.means).sum(0)
+    torch.testing.assert_close((w[:, None] * x).sum(0), exact_mean, atol=0.02, rtol=0)
+
+
+def test_dts_approaches_the_exact_target_and_beats_best_of_n():
+    problem, target = _ring_problem(1.0)
+    exact = target.sample(3000, torch.Generator().manual_seed(1))
+    budget = 24_000
+    tree = steer(problem, "dts", budget, num_samples=600, generator=torch.Generator().manual_seed(0), wave_size=32)
+    bon = steer(problem, "best_of_n", budget, num_samples=600 // 4, generator=torch.Generator().manual_seed(0))
+    base = problem.flow.mixture.sample(3000, torch.Generator().manual_seed(2))
+    d_tree = energy_distance(tree.latents.flatten(1), exact)
+    d_bon = energy_distance(bon.latents.flatten(1), exact)
+    d_base = energy_distance(base, exact)
+    assert d_tree < 0.1, d_tree  # stated tolerance; the base distribution is at ~1.9
+    assert d_tree < d_bon and d_tree < 0.1 * d_base
+    assert tree.nfe <= budget and bon.nfe <= budget
+
+
+def test_systematic_resampling_is_identity_for_equal_weights_and_follows_weights():
+    g = torch.Generator().manual_seed(0)
+    assert systematic_resample(torch.zeros(5), g).tolist() == [0, 1, 2, 3, 4]
+    idx = systematic_resample(torch.log(torch.tensor([0.0, 0.0, 1.0, 0.0]) + 1e-30), g)
+    assert idx.tolist() == [2, 2, 2, 2]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_are_clear_errors(sd3):
+    with pytest.raises(ValueError, match="stochastic"):
+        _problem(sd3, sde=None).__class__(flow=sd3, cond=sd3.encode_prompt(["x"]), times=sd3.time_grid(3, 32, 32),
+                                          shape=(4, 16, 16), reward=_mean_latent, sde=None)  # fmt: skip
+    for lam in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="inverse_temperature"):
+            _problem(sd3, lam=lam)
+    problem = _problem(sd3)
+    for method in sorted(METHODS):
+        with pytest.raises(BudgetError, match="below the cost"):
+            steer(problem, method, problem.sample_cost - 1)
+    with pytest.raises(ValueError, match="unknown steering method"):
+        steer(problem, "mcts", 100)
+    with pytest.raises(ValueError, match="differentiable"):
+        steer(_problem(sd3, reward=lambda z: _mean_latent(z).detach()), "doob", 10_000, estimator="gradient")
+    with pytest.raises(ValueError, match="even"):
+        steer(problem, "doob", 10_000, num_candidates=3)
+    with pytest.raises(RewardError, match="NaN"):
+        steer(_problem(sd3, reward=lambda z: torch.full((z.shape[0],), float("nan"))), "best_of_n", 100)
+
+
+def test_steering_pipeline_returns_images_rewards_and_nfe(sd3):
+    pipe = SteeringPipeline(sd3)
+
+    def redness(images, prompts):
+        return images[:, 0].flatten(1).mean(1) - images[:, 1:].flatten(1).mean(1)
+
+    out = pipe(prompt=["a red circle", "a blue square"], reward=redness, method="dts_star", budget=120,
+               num_inference_steps=STEPS, height=32, width=32, guidance_scale=2.0, progress=False)  # fmt: skip
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+    assert out.rewards.shape == (2,) and all(n <= 120 for n in out.nfe)
+    with pytest.raises(ValueError, match="stochastic"):
+        pipe(prompt="x", reward=redness, sde="ode", num_inference_steps=STEPS, height=32, width=32)
