@@ -248,3 +248,21 @@ def test_steering_pipeline_returns_images_rewards_and_nfe(sd3):
     assert out.rewards.shape == (2,) and all(n <= 120 for n in out.nfe)
     with pytest.raises(ValueError, match="stochastic"):
         pipe(prompt="x", reward=redness, sde="ode", num_inference_steps=STEPS, height=32, width=32)
+
+
+@pytest.mark.parametrize("method", ["dts_star", "smc", "doob"])
+def test_steering_pipeline_on_every_family_counts_transformer_rows(family, method):
+    pipe = SteeringPipeline.from_pipe(build_tiny(family))
+    rows = []
+    handle = pipe.flow.transformer.register_forward_hook(
+        lambda m, a, kw, o: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    scale = 1.0 if pipe.flow.has_guidance_embedding else 2.0
+    budget = 3 * STEPS * (1 if scale == 1.0 else 2) * (4 if method == "doob" else 1)
+    try:
+        out = pipe(prompt="a red circle", reward=lambda images, prompts: images.flatten(1).mean(1), method=method,
+                   budget=budget, num_inference_steps=STEPS, height=32, width=32, guidance_scale=scale,
+                   progress=False)  # fmt: skip
+    finally:
+        handle.remove()
+    assert out.nfe[0] == sum(rows) <= budget and len(out.images) == 1
