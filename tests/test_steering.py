@@ -266,3 +266,34 @@ def test_steering_pipeline_on_every_family_counts_transformer_rows(family, metho
     finally:
         handle.remove()
     assert out.nfe[0] == sum(rows) <= budget and len(out.images) == 1
+
+
+def test_cli_steer_writes_images_rewards_and_nfe_and_rejects_bad_configs(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from diffalign.cli import main
+
+    model = tmp_path / "tiny-sd3"
+    build_tiny("sd3").save_pretrained(model)
+    config = tmp_path / "steer.yaml"
+    config.write_text(yaml.safe_dump({
+        "kind": "steer", "model": {"family": "sd3", "path": str(model)}, "method": "dts_star", "budget": 60,
+        "sampling": {"num_steps": 3, "height": 32, "width": 32, "guidance_scale": 2.0, "sde": "flow_sde"},
+        "rewards": [{"name": "tests.reward_fixtures:Redness"}], "method_args": {"c_uct": 0.1},
+    }))  # fmt: skip
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    out = tmp_path / "out"
+    assert main(["steer", str(config), "--prompts", str(prompts), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red circle", "two blue squares"]
+    assert all(r["nfe"] <= 60 and r["method"] == "dts_star" for r in rows)
+    assert (out / "grid.png").exists() and (out / "00001.png").exists()
+    assert json.loads((out / "summary.json").read_text())["prompts"] == 2
+    bad = [("inverse_temperature=0", "'inverse_temperature'"), ("sampling.sde=ode", "'sampling.sde'"),
+           ("budget=5", "'budget'"), ("method=beam", "method")]  # fmt: skip
+    for override, message in bad:
+        assert main(["steer", str(config), "--prompts", str(prompts), "--out", str(out), override]) == 2
+        assert message in capsys.readouterr().err
