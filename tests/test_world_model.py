@@ -48,3 +48,20 @@ def test_evaluation_is_stable_across_runs(tmp_path):
     first = run_eval(load_config(EvalJob, {"out_dir": str(tmp_path / "a")}))
     second = run_eval(load_config(EvalJob, {"out_dir": str(tmp_path / "b"), "batch_size": 7}))
     assert first == second
+
+
+def test_shipped_artifact_model_separates_clean_and_corrupted_renders():
+    from diffalign.rewards import ArtifactReward
+    from diffalign.rewards.artifacts import ARTIFACT_KINDS, apply_artifact
+    from diffalign.world import parse_prompt, render, sample_scene
+
+    rng = np.random.default_rng(123)
+    prompts = [p.text for p in test_prompts()[:40]]
+    clean = torch.from_numpy(np.stack([render(sample_scene(parse_prompt(p), rng)) for p in prompts]))
+    reward = ArtifactReward()  # builtin:world-artifact
+    p_clean = reward(clean, prompts)
+    assert (p_clean > 0.5).float().mean() >= 0.95
+    g = torch.Generator().manual_seed(0)
+    for kind in ARTIFACT_KINDS:
+        corrupted = apply_artifact(clean, kind, 0.6, g).clamp(0, 1)
+        assert (reward(corrupted, prompts) < 0.5).float().mean() >= 0.9, kind

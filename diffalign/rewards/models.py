@@ -161,8 +161,11 @@ class RewardModel(nn.Module, metaclass=ABCMeta):
 
 
 def resolve_model_dir(source: str, what: str) -> str:
-    """A local model folder, or the snapshot of a Hub repo (clear error offline)."""
-    source = os.path.expanduser(source)
+    """A local model folder, ``builtin:NAME`` (shipped in ``diffalign/assets``), or the snapshot of a Hub repo
+    (clear error offline)."""
+    from diffalign.pipelines import resolve_model_path
+
+    source = resolve_model_path(os.path.expanduser(source))
     if os.path.isdir(source):
         return source
     if is_hub_id(source):
@@ -484,14 +487,16 @@ class ArtifactReward(Reward):
     against reward hacking, to be added to another reward (Hong et al. 2026, arXiv 2601.03468).
 
     Args:
-        path: folder written by ``save_pretrained`` (or a Hub repo holding one).
+        path: folder written by ``save_pretrained`` (or a Hub repo holding one); the default
+            ``builtin:world-artifact`` is the small CNN shipped for the embedded world
+            (``configs/rewards/train_artifact_world.yaml``; held-out accuracy in its ``metrics.json``).
         dtype: network dtype.
     """
 
     name = "artifact"
     differentiable = True
 
-    def __init__(self, path: str, dtype: str = "float32") -> None:
+    def __init__(self, path: str = "builtin:world-artifact", dtype: str = "float32") -> None:
         self.model = _load_frozen(path, ArtifactModel, dtype)
 
     def score(self, images: Tensor, prompts: list[str], **meta: Any) -> Tensor:
