@@ -191,18 +191,21 @@ def test_tilt_linear_matches_importance_weighting():
 
 
 def test_dts_approaches_the_exact_target_and_beats_best_of_n():
+    """Averaged over 3 seeds (per seed, DTS is at 0.017-0.061 and best-of-4 at 0.029-0.063)."""
     problem, target = _ring_problem(1.0)
     exact = target.sample(3000, torch.Generator().manual_seed(1))
-    budget = 24_000
-    tree = steer(problem, "dts", budget, num_samples=600, generator=torch.Generator().manual_seed(0), wave_size=32)
-    bon = steer(problem, "best_of_n", budget, num_samples=600 // 4, generator=torch.Generator().manual_seed(0))
-    base = problem.flow.mixture.sample(3000, torch.Generator().manual_seed(2))
-    d_tree = energy_distance(tree.latents.flatten(1), exact)
-    d_bon = energy_distance(bon.latents.flatten(1), exact)
-    d_base = energy_distance(base, exact)
-    assert d_tree < 0.1, d_tree  # stated tolerance; the base distribution is at ~1.9
-    assert d_tree < d_bon and d_tree < 0.1 * d_base
-    assert tree.nfe <= budget and bon.nfe <= budget
+    budget, d_tree, d_bon = 24_000, [], []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        tree = steer(problem, "dts", budget, num_samples=600, generator=g, wave_size=32)
+        bon = steer(problem, "best_of_n", budget, num_samples=600 // 4, generator=torch.Generator().manual_seed(seed))
+        assert tree.nfe <= budget and bon.nfe <= budget
+        d_tree.append(energy_distance(tree.latents.flatten(1), exact))
+        d_bon.append(energy_distance(bon.latents.flatten(1), exact))
+    d_base = energy_distance(problem.flow.mixture.sample(3000, torch.Generator().manual_seed(2)), exact)
+    mean_tree, mean_bon = sum(d_tree) / 3, sum(d_bon) / 3
+    assert mean_tree < 0.06, d_tree  # stated tolerance; the untilted base distribution is at ~1.84
+    assert mean_tree < mean_bon and mean_tree < 0.05 * d_base, (d_tree, d_bon)
 
 
 def test_systematic_resampling_is_identity_for_equal_weights_and_follows_weights():
