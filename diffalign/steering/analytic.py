@@ -19,6 +19,7 @@ Latents are ``(B, D, 1, 1)``, the image convention with a 1x1 "image" of D chann
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,8 +72,8 @@ class GaussianMixture:
 class GaussianMixtureFlow:
     """The exact velocity field of the rectified flow to a ``GaussianMixture`` (a ``VelocityField``).
 
-    ``nfe`` counts evaluated rows like ``FlowModel.velocity``; conditioning is ignored (``cond()`` gives a
-    placeholder of batch 1), and ``guidance`` must be None.
+    ``nfe`` counts evaluated rows like ``FlowModel.velocity``; conditioning is ignored (``cond()`` gives an
+    empty-prompt ``Cond`` of the requested batch), and ``guidance`` must be None.
     """
 
     def __init__(self, mixture: GaussianMixture) -> None:
@@ -140,7 +141,7 @@ def nearest_mode(mixture: GaussianMixture, x: Tensor) -> Tensor:
 
 
 def target_mode_weights(
-    mixture: GaussianMixture, reward, lam: float, num: int = 400_000, seed: int = 0
+    mixture: GaussianMixture, reward: Callable[[Tensor], Tensor], lam: float, num: int = 400_000, seed: int = 0
 ) -> Tensor:
     """``(K,)`` mass of ``p(x) exp(lam r(x))`` on each component's nearest-mode cell (importance weighting)."""
     x = mixture.sample(num, torch.Generator().manual_seed(seed))

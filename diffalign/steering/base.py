@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from diffalign.rewards.base import Reward, RewardError, RewardOutput
-from diffalign.sampling.sampler import SDE, guided_velocity
+from diffalign.sampling.sampler import SDE, SteeringHook, guided_velocity, sample
 from diffalign.sampling.steps import StepOutput, step
-from diffalign.types import Cond
+from diffalign.types import Cond, Trajectory
 
 
 class VelocityField(Protocol):
@@ -160,6 +160,19 @@ class SteeringProblem:
             v = self.velocity(x, t)
         out = step(self.sde.kind, x, v, t, t_next, noise_level=self.sde.noise_level, generator=generator)
         return out, v
+
+    def sample(
+        self,
+        batch: int,
+        generator: torch.Generator | None,
+        steering: SteeringHook | None = None,
+        progress: bool = False,
+    ) -> Trajectory:
+        """``batch`` particles of this prompt through the one sampler loop (``sample``), optionally hooked."""
+        cond, uncond = self._batch_conds(batch)
+        return sample(self.flow, cond, self.times, shape=self.shape, generator=generator, sde=self.sde,
+                      guidance_scale=self.guidance_scale, uncond=uncond, guidance=self.guidance,
+                      steering=steering, keep_states=False, progress=progress)  # fmt: skip
 
     def initial_noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
         """``(batch, *shape)`` standard normal starting points."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.sampling.sampler import sample
 from diffalign.steering.base import SteeringProblem, SteeringResult, chunks
 
 
@@ -45,19 +44,7 @@ def best_of_n(
     nfe_start = problem.flow.nfe
     finals, rewards = [], []
     for size in tqdm(chunks(total, batch_size), desc="best-of-N", disable=not progress, leave=False):
-        cond, uncond = problem._batch_conds(size)
-        traj = sample(
-            problem.flow,
-            cond,
-            problem.times,
-            shape=problem.shape,
-            generator=generator,
-            sde=problem.sde,
-            guidance_scale=problem.guidance_scale,
-            uncond=uncond,
-            guidance=problem.guidance,
-            keep_states=False,
-        )
+        traj = problem.sample(size, generator)
         finals.append(traj.final)
         rewards.append(problem.score(traj.final, "best-of-N"))
     candidates = torch.cat(finals).view(num_samples, per_output, *problem.shape)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffalign.sampling.sampler import SteeringHook, sample
+from diffalign.sampling.sampler import SteeringHook
 from diffalign.sampling.steps import step
 from diffalign.steering.base import BudgetError, SteeringProblem, SteeringResult, aux_generator, check_rewards
 from diffalign.types import Cond
@@ -130,22 +130,8 @@ def doob(
     cost = num_samples * doob_cost(problem, estimator, num_candidates)
     problem.check_budget(budget, cost, f"{num_samples} Doob-steered samples with {num_candidates} candidates")
     hook = DoobHook(problem, estimator, num_candidates, aux_generator(generator, 2))
-    cond, uncond = problem._batch_conds(num_samples)
     nfe_start = problem.flow.nfe
-    traj = sample(
-        problem.flow,
-        cond,
-        problem.times,
-        shape=problem.shape,
-        generator=generator,
-        sde=problem.sde,
-        guidance_scale=problem.guidance_scale,
-        uncond=uncond,
-        guidance=problem.guidance,
-        steering=hook,
-        keep_states=False,
-        progress=progress,
-    )
+    traj = problem.sample(num_samples, generator, steering=hook, progress=progress)
     return SteeringResult(
         latents=traj.final,
         rewards=problem.score(traj.final, "Doob"),

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from diffalign.sampling.sampler import SteeringHook, StepInfo, sample
+from diffalign.sampling.sampler import SteeringHook, StepInfo
 from diffalign.steering.base import (
     SteeringProblem,
     SteeringResult,
@@ -149,22 +149,8 @@ def smc(
         raise ValueError(f"schedule {steps} has steps outside [0, {problem.num_steps})")
     steps = sorted({*steps, problem.num_steps - 1})
     hook = FeynmanKacHook(problem, k, steps, potential, ess_threshold, aux_generator(generator, 1))
-    cond, uncond = problem._batch_conds(k)
     nfe_start = problem.flow.nfe
-    traj = sample(
-        problem.flow,
-        cond,
-        problem.times,
-        shape=problem.shape,
-        generator=generator,
-        sde=problem.sde,
-        guidance_scale=problem.guidance_scale,
-        uncond=uncond,
-        guidance=problem.guidance,
-        steering=hook,
-        keep_states=False,
-        progress=progress,
-    )
+    traj = problem.sample(k, generator, steering=hook, progress=progress)
     return SteeringResult(
         latents=traj.final,
         rewards=hook.final_rewards.float(),
