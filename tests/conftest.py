@@ -24,3 +24,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: much faster than two on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

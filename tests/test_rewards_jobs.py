@@ -25,12 +25,7 @@ from diffalign.world import render, sample_scene, train_prompts
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "rewards")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -33,12 +33,7 @@ TINY_ARCH = {"vision_width": 8, "text_width": 32, "text_layers": 1, "heads": 2, 
              "patch_size": 16, "channels": [8, 16]}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _renders(n: int = 4, seed: int = 0) -> torch.Tensor:

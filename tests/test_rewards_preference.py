@@ -34,13 +34,7 @@ from diffalign.rewards.preprocess import ImageTransform
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares and a very long tail " * 6, "circles"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: much faster than two on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(seed: int = 0, shape: tuple[int, int] = (40, 50), batch: int = 3) -> torch.Tensor:
