@@ -108,5 +108,6 @@ def main() -> None:
                     "DTS does not reach it")  # fmt: skip
                 print(f"lam {lam:g}: SMC at {smc_budget} NFE has mode TV {smc_tv:.3f}; {verdict}")
 
+
 if __name__ == "__main__":
     main()

@@ -236,6 +236,22 @@ def test_prompt_sets_split():
     assert 80 <= len(test) <= 200
 
 
+def test_balanced_prompt_source_weights_categories_equally():
+    from diffalign.config import ConfigError
+    from diffalign.training.loop import load_prompts
+
+    plain = load_prompts("world:train", "prompts")
+    balanced = load_prompts("world:train:balanced", "prompts")
+    assert set(balanced) == set(plain)  # the same prompts, only repeated
+    counts = world.category_counts(balanced)
+    assert world.category_counts(plain)["color_attr"] > 50 * world.category_counts(plain)["single_object"]
+    assert max(counts.values()) / min(counts.values()) < 1.1
+    with pytest.raises(ConfigError, match="'prompts'.*'x'"):
+        load_prompts("world:train:x", "prompts")
+    with pytest.raises(ConfigError, match="unknown world split"):
+        load_prompts("world:val", "prompts")
+
+
 def _held_out_parts(spec: world.PromptSpec) -> list:
     """The held-out combinations a prompt uses."""
     o = spec.objects

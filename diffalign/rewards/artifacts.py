@@ -69,7 +69,7 @@ def oversaturation_artifact(
     about mid-grey, clipping: the burnt, over-vivid look of aesthetic-reward hacking."""
     b = images.shape[0]
     s = _as_severity(severity, b, images.device).view(b, 1, 1, 1)
-    luma = (0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3])
+    luma = 0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3]
     sat = luma + (1.5 + 2.5 * s) * (images - luma)
     return (0.5 + (1.1 + 0.6 * s) * (sat - 0.5)).clamp(0, 1)
 

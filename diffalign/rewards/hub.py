@@ -29,11 +29,7 @@ class CheckpointError(ValueError):
 def is_hub_id(source: str) -> bool:
     """``owner/name`` (or a legacy un-namespaced id such as ``bert-base-uncased``) that is not an existing local
     path and does not look like a file name."""
-    return (
-        bool(_HUB_ID.match(source))
-        and not os.path.exists(source)
-        and not source.lower().endswith(_FILE_SUFFIXES)
-    )
+    return bool(_HUB_ID.match(source)) and not os.path.exists(source) and not source.lower().endswith(_FILE_SUFFIXES)
 
 
 def _offline_hint() -> str:

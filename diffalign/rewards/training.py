@@ -56,6 +56,7 @@ from diffalign.rewards.preprocess import ImageTransform
 
 log = logging.getLogger("diffalign.train_reward")
 
+
 # ------------------------------------------------------------------------------------------------------ config
 @dataclass(kw_only=True)
 class RewardDataConfig:

@@ -113,7 +113,8 @@ class RunSection:
     Attributes:
         output_dir: the run folder (checkpoints, logs, grids, plots, the final LoRA, ``config.yaml``).
         seed: every random draw is a function of (seed, epoch, process, ...), so runs are reproducible.
-        prompts, eval_prompts: ``world:train`` / ``world:test`` (the embedded world's splits) or a text file.
+        prompts, eval_prompts: ``world:train`` / ``world:test`` (the embedded world's splits; ``:balanced`` weights
+            its categories equally, see :func:`load_prompts`) or a text file.
         rewards: the optimised rewards (weighted sum).
         monitors: rewards that are logged on evaluation images but never optimised (reward-hacking watch).
         sampling: how evaluation images are drawn (ODE, possibly more steps than training rollouts).
@@ -134,14 +135,26 @@ class RunSection:
 
 
 def load_prompts(source: str, key: str) -> list[str]:
-    """``world:train`` / ``world:test`` or a text file (one prompt per line)."""
-    if source.startswith("world:"):
-        from diffalign.world.prompts import split_prompts
+    """``world:train`` / ``world:test``, ``world:train:balanced`` or a text file (one prompt per line).
 
-        split = source.split(":", 1)[1]
+    ``world:<split>:balanced`` repeats each category's prompts so that every category carries the same total
+    weight (the world's benchmark is the mean over categories, while ``world:train`` is 71% colour attribution);
+    uniform draws from the returned list are then category-balanced.
+    """
+    if source.startswith("world:"):
+        from diffalign.world.prompts import prompts_by_category, split_prompts
+
+        split, _, option = source.removeprefix("world:").partition(":")
         if split not in ("train", "test"):
             raise ConfigError(f"config key '{key}': unknown world split {split!r} (train or test)")
-        return [p.text for p in split_prompts(split)]
+        if option not in ("", "balanced"):
+            raise ConfigError(f"config key '{key}': unknown option {option!r} (only 'balanced')")
+        specs = split_prompts(split)
+        if option == "balanced":
+            groups = prompts_by_category(specs).values()
+            largest = max(len(g) for g in groups)
+            specs = [p for g in groups for p in g * round(largest / len(g))]
+        return [p.text for p in specs]
     try:
         return read_prompt_file(source)
     except (FileNotFoundError, ValueError) as e:
