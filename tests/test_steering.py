@@ -136,6 +136,24 @@ def test_tree_is_anytime_and_read_out_needs_no_model_calls(sd3):
     assert tree.nodes[greedy].value == max(tree.nodes[c].value for c in siblings)
 
 
+def test_progressive_widening_bounds_every_node_and_a_narrow_setting_branches_below_the_root(sd3):
+    """``|children| < C N^alpha + 1`` everywhere. With the paper's C = 2, alpha = 0.8 the root keeps widening for
+    the first ~35 iterations, so a 10-sample budget is 10 rollouts from the root (best-of-10); C = 1,
+    alpha = 0.5 spends the same budget on fewer initial noises and branches below them."""
+    problem = _problem(sd3)
+    shape = {}
+    for widening, alpha in [(2.0, 0.8), (1.0, 0.5)]:
+        tree = DiffusionTree(problem, search=True, branch_steps=[0, 2, 4], widening=widening, alpha=alpha,
+                             wave_size=1, generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert tree.grow(10 * problem.sample_cost) <= 10 * problem.sample_cost
+        for node in tree.nodes:
+            assert len(node.children) < widening * node.visits**alpha + 1
+        shape[widening, alpha] = (len(tree.nodes[0].children), sum(node.level == 1 for node in tree.nodes))
+    assert shape[2.0, 0.8] == (10, 10)  # every rollout from the root: one branch per initial noise
+    root_children, second_level = shape[1.0, 0.5]
+    assert root_children < 10 and second_level > root_children
+
+
 # ------------------------------------------------------------------------------------------ steering works
 
 
@@ -284,7 +302,8 @@ def test_cli_steer_writes_images_rewards_and_nfe_and_rejects_bad_configs(tmp_pat
     config.write_text(yaml.safe_dump({
         "kind": "steer", "model": {"family": "sd3", "path": str(model)}, "method": "dts_star", "budget": 60,
         "sampling": {"num_steps": 3, "height": 32, "width": 32, "guidance_scale": 2.0, "sde": "flow_sde"},
-        "rewards": [{"name": "tests.reward_fixtures:Redness"}], "method_args": {"c_uct": 0.1},
+        "rewards": [{"name": "tests.reward_fixtures:Redness"}],
+        "method_args": {"dts_star": {"c_uct": 0.1}, "smc": {"potential": "max"}},
     }))  # fmt: skip
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo blue squares\n")
@@ -296,7 +315,9 @@ def test_cli_steer_writes_images_rewards_and_nfe_and_rejects_bad_configs(tmp_pat
     assert (out / "grid.png").exists() and (out / "00001.png").exists()
     assert json.loads((out / "summary.json").read_text())["prompts"] == 2
     bad = [("inverse_temperature=0", "'inverse_temperature'"), ("sampling.sde=ode", "'sampling.sde'"),
-           ("budget=5", "'budget'"), ("method=beam", "method")]  # fmt: skip
+           ("budget=5", "'budget'"), ("method=beam", "method"),
+           ("method_args.dts_star.cuct=1", "'method_args.dts_star.cuct'"),
+           ("method_args.beam.c_uct=1", "'method_args.beam'")]  # fmt: skip
     for override, message in bad:
         assert main(["steer", str(config), "--prompts", str(prompts), "--out", str(out), override]) == 2
         assert message in capsys.readouterr().err

@@ -18,6 +18,11 @@ iteration:
 
 Iterations run in waves: a wave selects up to ``wave_size`` expansions, and their rollouts advance in lock step
 (all particles at step i share the time ``t_i``, so one batched model call per step serves the whole wave).
+Progressive widening decides where the budget goes. With the paper's image default (``C = 2, alpha = 0.8``,
+meant for 10^3-10^5 NFE) the root may take a new child on each of its first ~35 visits, so below ~35 samples'
+worth of NFE every rollout starts from fresh noise and DTS* is best-of-N. Small budgets want a narrower tree
+(``C = 1, alpha = 0.5``: on the embedded world, DTS* then matches best-of-N with 4-5x fewer NFE).
+
 The tree is anytime: ``grow`` adds budget to the same tree; ``sample`` draws from a built tree without model
 calls (DTS: softmax walks, converging to ``p_theta exp(lam r)`` as iterations grow, Prop. 1; DTS*: the greedy
 ``argmax v`` walk).
@@ -141,28 +146,27 @@ class DiffusionTree:
         """Run iterations until ``budget`` more NFE are spent (or no expansion fits); returns the NFE spent."""
         spent = 0
         bar = tqdm(total=budget, desc="tree", unit="nfe", disable=not progress, leave=False)
-        stalls = 0
-        while True:
+        while spent + self.rollout_cost(self.leaf_level - 1) <= budget:
             wave: list[tuple[list[int], int]] = []
-            planned = 0
+            planned, over_budget = 0, False
             for _ in range(self.wave_size):
                 path, expand = self._select()
                 if expand is None:
+                    # a walk that ends at a leaf only counts the visit; the raised counts widen the path later
                     self._backup(path[:-1], [])
                     self.iterations += 1
                     continue
                 cost = self.rollout_cost(self.nodes[expand].level)
                 if spent + planned + cost > budget:
+                    over_budget = True
                     break
                 self.nodes[expand].pending += 1
                 wave.append((path, expand))
                 planned += cost
+            if over_budget and not wave:
+                break  # the selected expansion no longer fits (selection would pick it again)
             if not wave:
-                stalls += 1
-                if stalls > 3 or spent + self.rollout_cost(self.leaf_level - 1) > budget:
-                    break
                 continue
-            stalls = 0
             used = self._rollout_wave(wave)
             spent += used
             bar.update(used)
