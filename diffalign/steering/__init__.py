@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -32,6 +33,24 @@ METHODS: dict[str, Callable[..., SteeringResult]] = {
     "dts_star": partial(tree_steering, search=True),
     "doob": doob,
 }
+
+
+def method_arguments(method: str) -> set[str]:
+    """The extra keyword arguments ``steer(problem, method, budget, ...)`` accepts for ``method`` (tree methods:
+    ``num_samples`` plus ``DiffusionTree``'s options)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown steering method {method!r}; expected one of {sorted(METHODS)}")
+    function = METHODS[method]
+    signatures = [inspect.signature(function)]
+    if isinstance(function, partial) and function.func is tree_steering:
+        signatures.append(inspect.signature(DiffusionTree))
+    fixed = ("generator", "progress", "search")
+    return {
+        name
+        for signature in signatures
+        for name, p in signature.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in fixed
+    }
 
 
 def steer(
@@ -61,6 +80,7 @@ __all__ = [
     "best_of_n",
     "doob",
     "image_reward",
+    "method_arguments",
     "smc",
     "steer",
     "tree_steering",

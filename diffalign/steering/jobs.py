@@ -16,6 +16,7 @@ from diffalign.images import from_pil, save_grid, save_images
 from diffalign.pipelines import load_flow_model
 from diffalign.rewards import RewardConfig, build_reward_set
 from diffalign.sampling.sampler import SDE
+from diffalign.steering import METHODS, method_arguments
 from diffalign.steering.pipeline import SteeringPipeline
 
 log = logging.getLogger("diffalign.steer")
@@ -39,7 +40,9 @@ class SteerJob:
         inverse_temperature: ``lam > 0`` in ``p(x) exp(lam r(x))``.
         rewards: the reward(s) steered toward (weighted total).
         images_per_prompt: images kept per prompt (the highest-reward ones the method returns).
-        method_args: extra keyword arguments of the method (e.g. ``c_uct``, ``potential``, ``num_candidates``).
+        method_args: extra keyword arguments per method, keyed by method name (e.g. ``{dts_star: {c_uct: 0.05},
+            smc: {potential: max}, doob: {num_candidates: 4}}``); only the chosen method's entry is used, so one
+            config serves every method (``method=best_of_n`` on the command line).
         seed: the noise seed of prompt ``i`` is ``seed * 1_000_003 + i``.
     """
 
@@ -51,7 +54,7 @@ class SteerJob:
     inverse_temperature: float = 1.0
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig(name="world")])
     images_per_prompt: int = 1
-    method_args: dict[str, Any] = field(default_factory=dict)
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +66,17 @@ class SteerJob:
             raise ConfigError(f"config key 'budget': must be >= 1 NFE, got {self.budget}")
         if self.images_per_prompt < 1:
             raise ConfigError("config key 'images_per_prompt': must be >= 1")
+        for name, args in self.method_args.items():
+            if name not in METHODS:
+                raise ConfigError(f"config key 'method_args.{name}': not a steering method; expected one of "
+                                  f"{sorted(METHODS)}")  # fmt: skip
+            if not isinstance(args, dict):
+                raise ConfigError(f"config key 'method_args.{name}': must be a mapping of argument names to values")
+            allowed = method_arguments(name)
+            for key in args:
+                if key not in allowed:
+                    raise ConfigError(f"config key 'method_args.{name}.{key}': not an argument of {name}; "
+                                      f"expected one of {sorted(allowed)}")  # fmt: skip
         scale = self.sampling.guidance_scale
         per_sample = self.sampling.num_steps * (1 if scale in (None, 1.0) else 2) * self.images_per_prompt
         if scale is not None and self.budget < per_sample:
@@ -99,7 +113,7 @@ def run_steer(job: SteerJob, prompts: list[str], out: str) -> dict[str, Any]:
             sde=sde.kind,
             noise_level=sde.noise_level,
             generator=generator,
-            method_kwargs=job.method_args,
+            method_kwargs=job.method_args.get(job.method, {}),
             progress=False,
         )
         images.append(from_pil(result.images))
