@@ -20,8 +20,8 @@ Iterations run in waves: a wave selects up to ``wave_size`` expansions, and thei
 (all particles at step i share the time ``t_i``, so one batched model call per step serves the whole wave).
 Progressive widening decides where the budget goes. With the paper's image default (``C = 2, alpha = 0.8``,
 meant for 10^3-10^5 NFE) the root may take a new child on each of its first ~35 visits, so below ~35 samples'
-worth of NFE every rollout starts from fresh noise and DTS* is best-of-N. Small budgets want a narrower tree
-(``C = 1, alpha = 0.5``: on the embedded world, DTS* then matches best-of-N with 4-5x fewer NFE).
+worth of NFE every rollout starts from fresh noise and DTS* is best-of-N. A narrower tree (``C = 1,
+alpha = 0.5``) branches below the root from the first iterations (``benchmarks/steering_world.py`` compares both).
 
 The tree is anytime: ``grow`` adds budget to the same tree; ``sample`` draws from a built tree without model
 calls (DTS: softmax walks, converging to ``p_theta exp(lam r)`` as iterations grow, Prop. 1; DTS*: the greedy
