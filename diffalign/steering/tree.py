@@ -164,7 +164,7 @@ class DiffusionTree:
                 wave.append((path, expand))
                 planned += cost
             if over_budget and not wave:
-                break  # the selected expansion no longer fits (selection would pick it again)
+                break  # the selected expansion no longer fits (DTS*'s deterministic selection would repeat it)
             if not wave:
                 continue
             used = self._rollout_wave(wave)
