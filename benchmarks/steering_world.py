@@ -1,11 +1,11 @@
 """Steering on the embedded world: reward and evaluator accuracy versus NFE on held-out prompts.
 
-    python benchmarks/steering_world.py [--prompts 32] [--pool 128] [--pool-cache FILE] [--threads 1]
+    python benchmarks/steering_world.py [--prompts 32] [--pool 128] [--pool-cache FILE] [--seed 0]
 
 The shipped base model (``builtin:world-sd3``), 20 steps, CFG 3 (a sample costs 40 NFE), the Flow-GRPO SDE
 (noise level 0.7). Reward: the world evaluator's partial credit; accuracy: its strict verdict on the returned
 image. Prompts: every k-th prompt of the held-out test split (the same ones for every method; prompt ``i`` uses
-seed ``i``).
+seed ``i`` for the pool and ``i + 1000 * --seed`` for the steering rows).
 
 Best-of-N is measured for every N up to ``--pool`` at once: each prompt draws one pool of ``pool`` independent
 samples, and the expected reward (and accuracy) of the best of ``n`` i.i.d. draws is computed from it with the
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--widening", type=float, default=1.0, help="progressive widening C (paper: 2)")
     parser.add_argument("--alpha", type=float, default=0.5, help="progressive widening alpha (paper: 0.8)")
     parser.add_argument("--pool-cache", help="JSON file that keeps the best-of-N pools between runs")
+    parser.add_argument("--seed", type=int, default=0, help="steering rows use seed i + 1000 * seed for prompt i")
     parser.add_argument("--methods", nargs="+", default=["dts_star", "dts", "doob"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,7 +146,8 @@ def main() -> None:
             kwargs = {"widening": args.widening, "alpha": args.alpha, **kwargs, "c_uct": args.c_uct, "wave_size": 8}
         start, rewards, correct, nfe = time.time(), [], [], []
         for i, prompt in enumerate(prompts):
-            out = steer(problem(prompt), method, budget, generator=torch.Generator().manual_seed(i), **kwargs)
+            generator = torch.Generator().manual_seed(i + 1000 * args.seed)
+            out = steer(problem(prompt), method, budget, generator=generator, **kwargs)
             best = int(torch.argmax(out.rewards))
             image = flow.decode_latents(out.latents[best : best + 1])
             rewards.append(float(out.rewards[best]))
