@@ -321,3 +321,24 @@ def test_cli_steer_writes_images_rewards_and_nfe_and_rejects_bad_configs(tmp_pat
     for override, message in bad:
         assert main(["steer", str(config), "--prompts", str(prompts), "--out", str(out), override]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_world_benchmark_best_of_n_curve_is_the_mean_over_all_subsets():
+    """The steering benchmark's best-of-N estimator equals brute force over every size-n subset of a pool."""
+    import importlib.util
+    import itertools
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "steering_world.py")
+    spec = importlib.util.spec_from_file_location("steering_world", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rewards = [0.25, 1.0, 0.5, 0.125, 0.75, 0.375, 0.625]
+    correct = [r == 1.0 for r in rewards]
+    curve = bench.best_of_n_curve(rewards, correct)
+    for n in range(1, len(rewards) + 1):
+        subsets = list(itertools.combinations(range(len(rewards)), n))
+        best = [max(s, key=lambda k: rewards[k]) for s in subsets]
+        assert curve[n - 1][0] == pytest.approx(sum(rewards[k] for k in best) / len(subsets))
+        assert curve[n - 1][1] == pytest.approx(sum(correct[k] for k in best) / len(subsets))
+    assert [c[0] for c in curve] == sorted(c[0] for c in curve) and curve[-1][0] == 1.0
