@@ -112,6 +112,25 @@ def test_nfe_equals_transformer_rows_and_respects_the_budget(sd3, method):
     assert torch.isfinite(out.rewards).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_on_cuda_with_a_cuda_generator(method):
+    """On a GPU the sampling generator lives on the GPU; every method still counts NFE exactly and stays finite."""
+    flow = wrap_pipeline(build_tiny("sd3").to("cuda"))
+    rows = []
+    handle = flow.transformer.register_forward_hook(
+        lambda m, a, kw, o: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    problem = _problem(flow, lam=5.0)
+    budget = 7 * problem.sample_cost + 3
+    try:
+        out = steer(problem, method, budget, generator=torch.Generator("cuda").manual_seed(0))
+    finally:
+        handle.remove()
+    assert out.nfe == sum(rows) <= budget and out.latents.device.type == "cuda"
+    assert torch.isfinite(out.rewards).all()
+
+
 def test_nfe_without_cfg_counts_one_per_particle_step(sd3):
     problem = _problem(sd3, cfg=1.0)
     assert problem.step_cost == 1 and problem.sample_cost == STEPS
@@ -341,4 +360,5 @@ def test_world_benchmark_best_of_n_curve_is_the_mean_over_all_subsets():
         best = [max(s, key=lambda k: rewards[k]) for s in subsets]
         assert curve[n - 1][0] == pytest.approx(sum(rewards[k] for k in best) / len(subsets))
         assert curve[n - 1][1] == pytest.approx(sum(correct[k] for k in best) / len(subsets))
-    assert [c[0] for c in curve] == sorted(c[0] for c in curve) and curve[-1][0] == 1.0
+    assert all(b[0] >= a[0] - 1e-12 for a, b in zip(curve, curve[1:], strict=False))  # monotone up to rounding
+    assert curve[-1][0] == pytest.approx(1.0)

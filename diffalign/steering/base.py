@@ -203,12 +203,16 @@ class SteeringResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def aux_generator(generator: torch.Generator | None, stream: int) -> torch.Generator:
+def aux_generator(
+    generator: torch.Generator | None, stream: int, device: torch.device | str | None = None
+) -> torch.Generator:
     """A generator for a method's own random choices (resampling, selection, look-ahead noise), seeded from the
     sampling generator's seed and ``stream`` without drawing from it: the sampling noise stream stays exactly the
-    one plain sampling would use."""
+    one plain sampling would use. ``device``: where it draws (default: the sampling generator's device); choices
+    made on CPU tensors, such as the tree's, need a CPU generator even when sampling runs on a GPU."""
     base = generator.initial_seed() if generator is not None else torch.initial_seed()
-    device = generator.device if generator is not None else torch.device("cpu")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
     return torch.Generator(device=device).manual_seed((base * 1_000_003 + 7919 * stream) % (2**63 - 1))
 
 

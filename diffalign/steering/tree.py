@@ -98,7 +98,7 @@ class DiffusionTree:
         self.levels = [*steps, problem.num_steps]  # time index of each level; the last level holds the leaves
         self.alpha, self.widening, self.c_uct, self.wave_size = alpha, widening, c_uct, wave_size
         self.generator = generator
-        self.select_gen = aux_generator(generator, 3)
+        self.select_gen = aux_generator(generator, 3, device="cpu")  # selection works on CPU tensors
         self.nodes: list[Node] = [Node(level=-1, parent=-1)]
         self.nfe = 0
         self.iterations = 0
