@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer, group_advantages
@@ -115,6 +116,31 @@ def test_training_run_writes_outputs_and_resumes_identically(tiny_models, tmp_pa
     a = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "final" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_training_on_cuda_trains_lora_only_and_ratio_is_one_before_the_update(
+    tiny_models, tmp_path, precision, request
+):
+    """On a GPU (fp32 or bf16 autocast): ratio 1 and KL 0 before the update, then only LoRA parameters move."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # mixed precision is fixed per process state
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    job = _job(tiny_models, tmp_path / "run", **{"train.mixed_precision": precision, "train.epochs": 1})
+    ctx = TrainContext(job)
+    assert ctx.flow.device.type == "cuda"
+    trainer = FlowGRPOTrainer(ctx)
+    ctx.finish_setup(trainer.updates_per_epoch)
+    before = {n: p.detach().clone() for n, p in ctx.flow.transformer.named_parameters()}
+    rollout = trainer.collect(0)
+    with torch.no_grad(), ctx.accelerator.autocast():  # the rows of the first rollout batch: the same kernels
+        _, info = trainer.loss(rollout, torch.arange(job.flow_grpo.batch_size), 0, 0)
+    torch.testing.assert_close(info["ratio"].float().cpu(), torch.ones(4), rtol=0, atol=1e-4)
+    assert info["kl"].abs().max() < 1e-6
+    trainer.update(rollout, 0)
+    changed = {n for n, p in ctx.flow.transformer.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert all(torch.isfinite(p).all() for p in ctx.flow.transformer.parameters())
 
 
 def test_exported_lora_loads_into_the_stock_pipeline(tiny_models, tmp_path):

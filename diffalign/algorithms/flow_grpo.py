@@ -227,6 +227,8 @@ class FlowGRPOTrainer(Trainer):
             rows = list(range(b, b + cfg.batch_size))
             gen = seeded(ctx.seed, epoch, acc.process_index, b, 1)
             x_init = torch.randn((len(rows), *self.shape), generator=gen).to(flow.device)
+            if flow.device.type != "cpu":  # the SDE noise is drawn where the model runs (on CPU: the same stream)
+                gen = seeded(ctx.seed, epoch, acc.process_index, b, 2, device=flow.device)
             with acc.autocast():
                 traj = sample(
                     flow,

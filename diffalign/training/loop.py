@@ -162,10 +162,10 @@ def load_prompts(source: str, key: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- seeding
-def seeded(*keys: int) -> torch.Generator:
-    """A CPU generator whose seed is a deterministic function of the integer ``keys``."""
+def seeded(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` whose seed is a deterministic function of the integer ``keys``."""
     seed = int(np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys]).integers(2**62))
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device).manual_seed(seed)
 
 
 def seed_everything(seed: int) -> None:
