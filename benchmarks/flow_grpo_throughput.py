@@ -40,7 +40,7 @@ def full_size_sd35(device: torch.device, dtype: torch.dtype):
     merges = [tuple(m.split()) for m in gzip.open(bpe).read().decode().split("\n")[1 : 49152 - 256 - 2 + 1]]
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    clip_tok = CLIPTokenizer(vocab={v: i for i, v in enumerate(tokens)}, merges=merges)
+    clip_tok = CLIPTokenizer(vocab={v: i for i, v in enumerate(tokens)}, merges=merges, model_max_length=77)
 
     def clip(hidden, inter, heads, layers, proj, act="quick_gelu"):
         return CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden, intermediate_size=inter,
@@ -117,7 +117,11 @@ def main() -> None:
     times = flow.time_grid(args.steps, size, size)
 
     with torch.no_grad():
-        stock = timed(lambda: pipe(prompt=prompts, latents=noise.to(dtype), num_inference_steps=args.steps,
+        # both sides get the prompt embeddings precomputed: the timings cover the denoising loop only
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        embeds = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device)
+        stock_embeds = dict(zip(names, embeds, strict=True))
+        stock = timed(lambda: pipe(**stock_embeds, latents=noise.to(dtype), num_inference_steps=args.steps,
                                    guidance_scale=args.cfg, height=size, width=size, output_type="latent"),
                       args.repeats, device)  # fmt: skip
         ode = timed(lambda: sample(flow, cond, times, x_init=noise, guidance_scale=args.cfg, uncond=uncond,
@@ -128,11 +132,14 @@ def main() -> None:
                                        sde=sde, generator=gen), args.repeats, device)  # fmt: skip
         traj = sample(flow, cond, times, x_init=noise, guidance_scale=args.cfg, uncond=uncond, sde=sde, generator=gen)
 
+    # training needs no text encoders: free them (on a GPU they hold ~10 GiB) before measuring its memory
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        setattr(pipe, name, None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     flow.add_lora(rank=32, alpha=64)
     optimizer = torch.optim.AdamW([p for p in flow.transformer.parameters() if p.requires_grad], lr=1e-4)
     b = args.train_batch
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     def train_step():
         rows = list(range(b))
@@ -142,16 +149,35 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step_time = timed(train_step, args.repeats, device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    train_rows = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            flow.transformer.enable_gradient_checkpointing()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step_time = timed(train_step, args.repeats, device)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            train_rows.append((checkpointing, float("nan"), float("nan")))
+            continue
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        train_rows.append((checkpointing, step_time, peak))
 
     name = "tiny SD3 (CPU)" if args.tiny else f"SD3.5-Medium size, random weights, {size}px, bf16"
-    print(f"\n{name}; batch {args.batch}, {args.steps} steps, CFG {args.cfg}; device {device}")
+    print(f"\n{name}; batch {args.batch}, {args.steps} steps, CFG {args.cfg}; device {device}; text tokens "
+          f"{cond.embeds.shape[1]} (stock {stock_embeds['prompt_embeds'].shape[1]})")  # fmt: skip
     print(f"{'':34}{'s/batch':>10}{'images/s':>10}{'vs stock':>10}")
     for label, sec in (("stock diffusers pipeline (ODE)", stock), ("diffalign sample, ODE", ode),
                        ("diffalign rollout, SDE + log-probs", rollout)):  # fmt: skip
         print(f"{label:34}{sec:>10.3f}{args.batch / sec:>10.2f}{stock / sec:>10.2f}")
-    print(f"{'training step (LoRA r32, CFG)':34}{step_time:>10.3f}  batch {b}, peak {peak:.1f} GiB")
+    for checkpointing, step_time, peak in train_rows:
+        label = "training step, grad. checkpointing" if checkpointing else "training step (LoRA r32, CFG)"
+        if step_time != step_time:
+            print(f"{label:34}{'OOM':>10}  batch {b}")
+        else:
+            print(f"{label:34}{step_time:>10.3f}  batch {b}, peak {peak:.1f} GiB, {b / step_time:.2f} samples/s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Steering on the embedded world: reward and evaluator accuracy versus NFE on held-out prompts.
 
     python benchmarks/steering_world.py [--prompts 32] [--pool 128] [--pool-cache FILE] [--seed 0]
+    python benchmarks/steering_world.py --device cuda --pool 1024 --pool-batch 512 --wave-size 16 \
+        --budgets 1024 2048 4096 8192      # the GPU run in the README
 
 The shipped base model (``builtin:world-sd3``), 20 steps, CFG 3 (a sample costs 40 NFE), the Flow-GRPO SDE
 (noise level 0.7). Reward: the world evaluator's partial credit; accuracy: its strict verdict on the returned
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -42,31 +43,35 @@ from diffalign.steering.base import chunks  # noqa: E402
 from diffalign.world import evaluate_batch, test_prompts  # noqa: E402
 
 PAPER_WIDENING = {"widening": 2.0, "alpha": 0.8}
-# (label, method, budget, extra kwargs); tree rows get the benchmark widening unless they name their own
-ROWS: list[tuple[str, str, int, dict]] = [
-    ("dts_star", "dts_star", 160, {}),
-    ("dts_star", "dts_star", 320, {}),
-    ("dts_star", "dts_star", 640, {}),
-    ("dts_star", "dts_star", 1024, {}),
-    ("dts_star C2 a0.8", "dts_star", 640, PAPER_WIDENING),
-    ("dts_star C2 a0.8", "dts_star", 1024, PAPER_WIDENING),
-    ("dts", "dts", 640, {}),
-    ("doob", "doob", 192, {"num_candidates": 2}),
-    ("doob", "doob", 344, {"num_candidates": 4}),
-]
+
+
+def rows(budgets: list[int]) -> list[tuple[str, str, int, dict]]:
+    """(label, method, budget, extra kwargs) per steering row; tree rows get the benchmark widening unless they
+    name their own. DTS* runs at every budget, the paper's widening at the two largest, DTS at the third largest."""
+    budgets = sorted(budgets)
+    return [
+        *(("dts_star", "dts_star", b, {}) for b in budgets),
+        *(("dts_star C2 a0.8", "dts_star", b, PAPER_WIDENING) for b in budgets[-2:]),
+        ("dts", "dts", budgets[max(0, len(budgets) - 2)], {}),
+        ("doob", "doob", 192, {"num_candidates": 2}),
+        ("doob", "doob", 344, {"num_candidates": 4}),
+    ]
 
 
 def best_of_n_curve(rewards: list[float], correct: list[bool]) -> list[tuple[float, float]]:
     """Expected (reward, accuracy) of the best of ``n`` i.i.d. draws for ``n = 1..len(pool)``, from one pool."""
     order = sorted(range(len(rewards)), key=lambda k: (rewards[k], correct[k]))
     size = len(order)
-    curve = []
-    for n in range(1, size + 1):
-        total = math.comb(size, n)
-        weights = [math.comb(rank, n - 1) / total for rank in range(size)]  # rank = 0-based position
-        curve.append((sum(w * rewards[k] for w, k in zip(weights, order, strict=True)),
-                      sum(w * correct[k] for w, k in zip(weights, order, strict=True))))  # fmt: skip
-    return curve
+    # weights[n - 1, r] = C(r, n - 1) / C(size, n) for the 0-based rank r, through log-gamma (pools of thousands)
+    n = torch.arange(1, size + 1, dtype=torch.float64)[:, None]
+    r = torch.arange(size, dtype=torch.float64)[None, :]
+    log_comb_r = torch.lgamma(r + 1) - torch.lgamma(n) - torch.lgamma((r - n + 2).clamp(min=1))
+    log_weights = (
+        log_comb_r - torch.lgamma(torch.tensor(size + 1.0)) + torch.lgamma(n + 1) + torch.lgamma(size - n + 1)
+    )
+    weights = torch.where(r >= n - 1, log_weights.exp(), torch.zeros(()))
+    values = torch.tensor([[rewards[k], float(correct[k])] for k in order], dtype=torch.float64)
+    return [(float(a), float(b)) for a, b in (weights @ values).tolist()]
 
 
 def main() -> None:
@@ -83,6 +88,11 @@ def main() -> None:
     parser.add_argument("--pool-cache", help="JSON file that keeps the best-of-N pools between runs")
     parser.add_argument("--seed", type=int, default=0, help="steering rows use seed i + 1000 * seed for prompt i")
     parser.add_argument("--methods", nargs="+", default=["dts_star", "dts", "doob"])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[160, 320, 640, 1024],
+                        help="DTS* budgets (NFE) with the benchmark widening; the paper-widening rows use the two "
+                        "largest")  # fmt: skip
+    parser.add_argument("--wave-size", type=int, default=8, help="tree walks per batched model call")
+    parser.add_argument("--pool-batch", type=int, default=64, help="pool samples per batched call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -102,15 +112,17 @@ def main() -> None:
 
     # best-of-N: one pool per prompt, every N from it (optionally cached: the pool is most of the run time)
     key = {"model": args.model, "prompts": prompts, "pool": args.pool}
+    if args.device != "cpu":  # a device draws other noise than the CPU, so it keeps its own pools
+        key["device"] = args.device
     cached = (
         json.loads(Path(args.pool_cache).read_text()) if args.pool_cache and Path(args.pool_cache).exists() else {}
     )
     if cached.get("key") != key:
         start, pools = time.time(), []
         for i, prompt in enumerate(prompts):
-            prob, generator = problem(prompt), torch.Generator().manual_seed(i)
+            prob, generator = problem(prompt), torch.Generator(args.device).manual_seed(i)
             scores, correct = [], []
-            for size in chunks(args.pool, 64):
+            for size in chunks(args.pool, args.pool_batch):
                 images = flow.decode_latents(prob.sample(size, generator).final)
                 verdicts = evaluate_batch(images, [prompt] * size)
                 scores += [v.score for v in verdicts]
@@ -138,15 +150,21 @@ def main() -> None:
         print(f"{'best_of_n':>17} {n * cost:>6} {n * cost:>8} {bon[n - 1][0]:>7.3f} {bon[n - 1][1]:>8.3f} "
               f"{pool_seconds * n / args.pool:>8.2f} {n * cost:>13} {'1.0x':>6}", flush=True)  # fmt: skip
     final: dict[tuple[str, int], float] = {}
-    for label, method, budget, extra in ROWS:
+    for label, method, budget, extra in rows(args.budgets):
         if method not in args.methods:
             continue
         kwargs = dict(extra)
         if method in ("dts", "dts_star"):
-            kwargs = {"widening": args.widening, "alpha": args.alpha, **kwargs, "c_uct": args.c_uct, "wave_size": 8}
+            kwargs = {
+                "widening": args.widening,
+                "alpha": args.alpha,
+                **kwargs,
+                "c_uct": args.c_uct,
+                "wave_size": args.wave_size,
+            }
         start, rewards, correct, nfe = time.time(), [], [], []
         for i, prompt in enumerate(prompts):
-            generator = torch.Generator().manual_seed(i + 1000 * args.seed)
+            generator = torch.Generator(args.device).manual_seed(i + 1000 * args.seed)
             out = steer(problem(prompt), method, budget, generator=generator, **kwargs)
             best = int(torch.argmax(out.rewards))
             image = flow.decode_latents(out.latents[best : best + 1])
