@@ -103,7 +103,7 @@ class FlowModel(ABC):
                 raise FileNotFoundError(f"model path {path!r} does not exist (nor is it a hub id 'org/name')")
             if not os.path.isfile(os.path.join(path, "model_index.json")):
                 raise FileNotFoundError(f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype), **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), max_sequence_length=max_sequence_length)
 
