@@ -92,6 +92,7 @@ def main() -> None:
                         help="DTS* budgets (NFE) with the benchmark widening; the paper-widening rows use the two "
                         "largest")  # fmt: skip
     parser.add_argument("--wave-size", type=int, default=8, help="tree walks per batched model call")
+    parser.add_argument("--branch-steps", type=int, nargs="+", help="tree branching steps (default: 0 4 8 12 16)")
     parser.add_argument("--pool-batch", type=int, default=64, help="pool samples per batched call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,6 +162,7 @@ def main() -> None:
                 **kwargs,
                 "c_uct": args.c_uct,
                 "wave_size": args.wave_size,
+                "branch_steps": args.branch_steps,
             }
         start, rewards, correct, nfe = time.time(), [], [], []
         for i, prompt in enumerate(prompts):
