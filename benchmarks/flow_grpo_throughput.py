@@ -7,7 +7,8 @@ tiny SD3 pipeline (CPU smoke test). Prints a table:
 - stock: ``StableDiffusion3Pipeline(..., output_type="latent")`` images/s (ODE, CFG);
 - diffalign ODE: ``sample`` as an ODE with the same noise, steps and CFG;
 - diffalign SDE rollout: ``sample`` with the Flow-GRPO SDE recording per-step log-probs (what training uses);
-- training step: LoRA r32, one ``transition_log_prob`` forward + backward with CFG at batch ``--train-batch``.
+- training step: LoRA r32, one ``transition_log_prob`` forward + backward with CFG at batch ``--train-batch``,
+  without and with gradient checkpointing (text encoders freed first; ``OOM`` if it does not fit).
 
     python benchmarks/flow_grpo_throughput.py [--batch 16] [--steps 10] [--tiny]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import os
 import time
 
@@ -174,7 +176,7 @@ def main() -> None:
         print(f"{label:34}{sec:>10.3f}{args.batch / sec:>10.2f}{stock / sec:>10.2f}")
     for checkpointing, step_time, peak in train_rows:
         label = "training step, grad. checkpointing" if checkpointing else "training step (LoRA r32, CFG)"
-        if step_time != step_time:
+        if math.isnan(step_time):
             print(f"{label:34}{'OOM':>10}  batch {b}")
         else:
             print(f"{label:34}{step_time:>10.3f}  batch {b}, peak {peak:.1f} GiB, {b / step_time:.2f} samples/s")
