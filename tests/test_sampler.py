@@ -6,6 +6,7 @@ import torch
 from diffalign.pipelines import wrap_pipeline
 from diffalign.pipelines.tiny import build_tiny
 from diffalign.sampling import SDE, SteeringHook, sample, transition_log_prob, window
+from diffalign.sampling.sampler import check_generator
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 
@@ -133,3 +134,10 @@ def test_sample_argument_errors(sd3):
         SDE(noise_level=0.0)
     with pytest.raises(ValueError, match="SDE.kind"):
         SDE(kind="ode")
+
+
+def test_a_generator_on_another_device_than_the_model_is_a_clear_error():
+    check_generator(None, "cpu")
+    check_generator(torch.Generator(), "cpu")
+    with pytest.raises(ValueError, match="generator is on cpu but the model runs on meta"):
+        check_generator(torch.Generator(), "meta")

@@ -131,6 +131,17 @@ def test_every_method_runs_on_cuda_with_a_cuda_generator(method):
     assert torch.isfinite(out.rewards).all()
 
 
+@pytest.mark.gpu
+def test_a_cpu_generator_for_a_cuda_model_is_a_clear_error():
+    flow = wrap_pipeline(build_tiny("sd3").to("cuda"))
+    problem = _problem(flow)
+    for method in sorted(METHODS):
+        with pytest.raises(ValueError, match="generator is on cpu but the model runs on cuda"):
+            steer(problem, method, 2 * problem.sample_cost, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="generator is on cpu but the model runs on cuda"):
+        sample(flow, problem.cond, problem.times, shape=problem.shape, generator=torch.Generator(), sde=SDE())
+
+
 def test_nfe_without_cfg_counts_one_per_particle_step(sd3):
     problem = _problem(sd3, cfg=1.0)
     assert problem.step_cost == 1 and problem.sample_cost == STEPS

@@ -130,6 +130,14 @@ def guided_velocity(
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
+def check_generator(generator: torch.Generator | None, device: torch.device | str) -> None:
+    """Raise a clear error when ``generator`` cannot draw noise on ``device`` (e.g. a CPU generator, CUDA model)."""
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device.type} but the model runs on {device}: pass "
+                         f"torch.Generator({device.type!r})")  # fmt: skip
+
+
 def sample(
     flow: FlowModel,
     cond: Cond,
@@ -168,6 +176,8 @@ def sample(
     times = times.detach().float().cpu()
     if times.ndim != 1 or times.shape[0] < 2:
         raise ValueError(f"times must be a 1-d grid of at least 2 points, got shape {tuple(times.shape)}")
+    if x_init is None or sde is not None:
+        check_generator(generator, flow.device)
     if x_init is None:
         if shape is None:
             raise ValueError("pass x_init or shape")

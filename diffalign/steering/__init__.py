@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from diffalign.sampling.sampler import check_generator
 from diffalign.steering.base import BudgetError, SteeringProblem, SteeringResult, image_reward
 from diffalign.steering.best_of_n import best_of_n
 from diffalign.steering.doob import doob
@@ -64,6 +65,7 @@ def steer(
     """Run steering method ``method`` (a key of ``METHODS``) on ``problem`` with ``budget`` NFE."""
     if method not in METHODS:
         raise ValueError(f"unknown steering method {method!r}; expected one of {sorted(METHODS)}")
+    check_generator(generator, problem.flow.device)
     return METHODS[method](problem, budget, generator=generator, **kwargs)
 
 
