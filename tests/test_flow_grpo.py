@@ -133,9 +133,10 @@ def test_training_on_cuda_trains_lora_only_and_ratio_is_one_before_the_update(
     ctx.finish_setup(trainer.updates_per_epoch)
     before = {n: p.detach().clone() for n, p in ctx.flow.transformer.named_parameters()}
     rollout = trainer.collect(0)
-    with torch.no_grad(), ctx.accelerator.autocast():  # the rows of the first rollout batch: the same kernels
-        _, info = trainer.loss(rollout, torch.arange(job.flow_grpo.batch_size), 0, 0)
-    torch.testing.assert_close(info["ratio"].float().cpu(), torch.ones(4), rtol=0, atol=1e-4)
+    rows = job.flow_grpo.batch_size  # the rows of the first rollout batch: the same kernels as the rollout
+    with torch.no_grad(), ctx.accelerator.autocast():
+        _, info = trainer.loss(rollout, torch.arange(rows), 0, 0)
+    torch.testing.assert_close(info["ratio"].float().cpu(), torch.ones(rows), rtol=0, atol=1e-4)
     assert info["kl"].abs().max() < 1e-6
     trainer.update(rollout, 0)
     changed = {n for n, p in ctx.flow.transformer.named_parameters() if not torch.equal(p, before[n])}
