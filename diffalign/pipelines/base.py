@@ -281,12 +281,15 @@ class FlowModel(ABC):
         self.transformer.set_adapter(adapter_name)
         return config
 
-    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    def save_lora(
+        self, directory: str | os.PathLike, adapter_name: str = "default", state_dict: dict[str, Tensor] | None = None
+    ) -> None:
         """Write the adapter in diffusers' LoRA format (``pytorch_lora_weights.safetensors`` with the peft config
-        as metadata), loadable by ``pipe.load_lora_weights(directory)`` on the stock pipeline."""
+        as metadata), loadable by ``pipe.load_lora_weights(directory)`` on the stock pipeline. ``state_dict``:
+        the transformer's LoRA parameters as whole tensors by parameter name, when the live ones are sharded."""
         if adapter_name not in getattr(self.transformer, "peft_config", {}):
             raise ValueError(f"no LoRA adapter named {adapter_name!r} on the transformer")
-        state = get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
+        state = get_peft_model_state_dict(self.transformer, state_dict=state_dict, adapter_name=adapter_name)
         metadata = self.transformer.peft_config[adapter_name].to_dict()
         type(self.pipe).save_lora_weights(
             str(directory),

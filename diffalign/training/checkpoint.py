@@ -40,13 +40,16 @@ def save_checkpoint(
     directory: str | os.PathLike,
     step: int,
     modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     scheduler: Any | None = None,
     generators: dict[str, torch.Generator] | None = None,
     extra: dict[str, Any] | None = None,
     keep: int | None = 3,
 ) -> str:
-    """Write ``directory/step-{step:06d}`` atomically; keep the ``keep`` newest checkpoints. Returns its path."""
+    """Write ``directory/step-{step:06d}`` atomically; keep the ``keep`` newest checkpoints. Returns its path.
+
+    ``optimizer`` is an optimizer or an optimizer state dict already gathered (as the training loop does under
+    FSDP)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"step-{step:06d}")
@@ -58,7 +61,8 @@ def save_checkpoint(
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(_untie(state), os.path.join(tmp, "modules", f"{name}.safetensors"))
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save(state, os.path.join(tmp, "optimizer.pt"))
     if scheduler is not None:
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     rng = {"torch_cpu": torch.get_rng_state()}

@@ -7,12 +7,16 @@ from collections.abc import Iterator
 
 import torch
 
+from diffalign.training.sharding import copy_full_, full_tensor, reshard
+
 
 class EMA:
     """Shadow copies ``s <- d s + (1 - d) p`` of the trainable parameters of ``module``.
 
     The decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (n = number of updates), so
-    early shadows are not dominated by the random initialisation.
+    early shadows are not dominated by the random initialisation. Build it after sharding (FSDP2): the shadows
+    then are shards like the parameters; ``state_dict`` (a collective there) returns whole tensors and
+    ``load_state_dict`` takes them.
     """
 
     def __init__(self, module: torch.nn.Module, decay: float = 0.999) -> None:
@@ -26,6 +30,7 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        reshard(self.module)
         for n, p in self.module.named_parameters():
             if n in self.shadow:
                 self.shadow[n].lerp_(p.detach().float(), 1 - d)
@@ -34,6 +39,7 @@ class EMA:
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Temporarily load the shadow weights into the module (for evaluation or export)."""
+        reshard(self.module)
         params = dict(self.module.named_parameters())
         backup = {n: params[n].detach().clone() for n in self.shadow}
         self.copy_to()
@@ -47,12 +53,13 @@ class EMA:
     @torch.no_grad()
     def copy_to(self) -> None:
         """Overwrite the module's trainable parameters with the shadow weights."""
+        reshard(self.module)
         params = dict(self.module.named_parameters())
         for n, value in self.shadow.items():
             params[n].copy_(value.to(params[n].dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"shadow.{n}": v for n, v in self.shadow.items()}
+        state = {f"shadow.{n}": full_tensor(v) for n, v in self.shadow.items()}
         state["num_updates"] = torch.tensor(self.num_updates)
         return state
 
@@ -61,5 +68,5 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]!r}")
         for n in self.shadow:
-            self.shadow[n].copy_(state[f"shadow.{n}"])
+            copy_full_(self.shadow[n], state[f"shadow.{n}"])
         self.num_updates = int(state["num_updates"])

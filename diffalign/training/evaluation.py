@@ -38,7 +38,8 @@ def diversity(images: Tensor, prompts: list[str]) -> float:
 
 
 class Evaluator:
-    """Runs on the main process; other processes wait at the barrier."""
+    """Every process generates the same evaluation images (a sharded model needs all of them in each forward
+    pass, and under DDP the others would only wait); the main process scores them and writes the results."""
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx
@@ -53,16 +54,16 @@ class Evaluator:
         ctx = self.ctx
         acc = ctx.accelerator
         summary: dict[str, Any] = {}
+        flow = ctx.flow
+        swap = ctx.ema.swapped_in() if ctx.ema is not None else contextlib.nullcontext()
+        network = flow.network
+        flow.use_network(None)
+        try:
+            with swap, torch.no_grad():
+                images = generate(flow, self.prompts, ctx.cfg.sampling, seed=ctx.seed + 12345, progress=False)
+        finally:
+            flow.use_network(network)
         if acc.is_main_process:
-            flow = ctx.flow
-            swap = ctx.ema.swapped_in() if ctx.ema is not None else contextlib.nullcontext()
-            network = flow.network
-            flow.use_network(None)
-            try:
-                with swap, torch.no_grad():
-                    images = generate(flow, self.prompts, ctx.cfg.sampling, seed=ctx.seed + 12345, progress=False)
-            finally:
-                flow.use_network(network)
             summary = self._score(images, epoch)
             os.makedirs(os.path.join(ctx.cfg.output_dir, "grids"), exist_ok=True)
             captions = [p.removeprefix("a photo of ") for p in self.prompts]

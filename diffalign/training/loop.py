@@ -4,7 +4,9 @@ Contract: a ``Trainer`` implements ``collect(epoch) -> Rollout`` (rollouts, rewa
 ``loss(rollout, rows, step_index) -> (loss, metrics)``; this module does everything else: seeding, the prompt
 schedule (groups of K samples per prompt spread over processes), mixed precision, LoRA or full fine-tuning,
 gradient checkpointing, accumulation and clipping, EMA, evaluation with image grids and reward-hacking
-monitors, tensorboard logging, a progress bar, atomic checkpoints with exact resume, and NaN/inf checks.
+monitors, tensorboard logging, a progress bar, atomic checkpoints with exact resume, and NaN/inf checks. It runs
+on one process, under DDP and under FSDP2 (``configs/accelerate/``): checkpoints and exports hold whole tensors,
+gathered from the shards, so they are the same files whichever way a run was distributed.
 
 Sizes that depend on the number of processes (samples per process, optimizer steps per epoch) are derived here
 from the global sizes in the config and logged; they are never written per GPU count.
@@ -27,8 +29,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from huggingface_hub import save_torch_state_dict
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 from diffalign.config import ConfigError, ModelConfig, SamplingConfig, read_prompt_file, resolve_device, save_config
@@ -36,6 +43,7 @@ from diffalign.pipelines import FlowModel, load_flow_model
 from diffalign.rewards import RewardConfig, RewardSet, build_reward_set
 from diffalign.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffalign.training.ema import EMA
+from diffalign.training.sharding import full_parameters, full_tensor, load_full_parameters_, reshard
 
 log = logging.getLogger("diffalign.train")
 
@@ -251,6 +259,7 @@ class Trainer(ABC):
                     sums[key] = sums.get(key, 0.0) + float(value.detach().float().mean())
                 count += 1
             grad_norm = ctx.accelerator.clip_grad_norm_(ctx.trainable, ctx.cfg.train.grad_clip)
+            grad_norm = full_tensor(torch.as_tensor(grad_norm))  # FSDP2 returns a replicated DTensor
             check_finite(torch.as_tensor(float(grad_norm)), "gradient norm", epoch)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * len(terms)
             ctx.optimizer.step()
@@ -296,12 +305,14 @@ class TrainContext:
             transformer.requires_grad_(True)
         if cfg.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self.trainable = [p for p in transformer.parameters() if p.requires_grad]
+        self.trained_names = [n for n, p in transformer.named_parameters() if p.requires_grad]
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps
-        )
-        self.ema = EMA(transformer, t.ema_decay) if t.ema_decay > 0 else None
+            [p for p in transformer.parameters() if p.requires_grad], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.weight_decay, eps=t.adam_eps,
+        )  # fmt: skip
+        self.trainable: list[torch.nn.Parameter] = []  # set by finish_setup (sharding replaces the parameters)
+        self.ema: EMA | None = None
         self.optimizer_steps = 0
         self.scheduler = None  # built once the trainer says how many optimizer steps an epoch has
         self.network = None
@@ -316,6 +327,10 @@ class TrainContext:
             self.flow.transformer, self.optimizer, self.scheduler
         )
         self.flow.use_network(self.network)
+        # after prepare: under FSDP2 the transformer's parameters are now sharded DTensors
+        self.trainable = [p for p in self.flow.transformer.parameters() if p.requires_grad]
+        if t.ema_decay > 0:
+            self.ema = EMA(self.flow.transformer, t.ema_decay)
 
     def sync_context(self, sync: bool):
         """Gradient synchronisation only on the last backward of an accumulation (DDP's ``no_sync``)."""
@@ -325,19 +340,29 @@ class TrainContext:
 
     # -------------------------------------------------------------------------------- trained-state (de)serialise
     def trained_state(self) -> dict[str, Tensor]:
-        transformer = self.flow.transformer
-        if self.uses_lora:
-            return get_peft_model_state_dict(transformer)
-        return transformer.state_dict()
+        """The trained parameters (LoRA, or the whole transformer) as whole CPU tensors keyed by parameter name;
+        a collective under FSDP (every process calls it)."""
+        reshard(self.flow.transformer)
+        return full_parameters(self.flow.transformer, self.trained_names)
 
     def load_trained_state(self, state: dict[str, Tensor]) -> None:
-        transformer = self.flow.transformer
-        if self.uses_lora:
-            result = set_peft_model_state_dict(transformer, state)
-            if getattr(result, "unexpected_keys", None):
-                raise CheckpointError(f"unexpected LoRA keys in checkpoint: {result.unexpected_keys[:3]}")
-        else:
-            transformer.load_state_dict(state)
+        reshard(self.flow.transformer)
+        try:
+            load_full_parameters_(self.flow.transformer, state, self.trained_names)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint does not fit this run's trained parameters: {e}") from e
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state with whole tensors keyed by parameter name (torch's distributed-checkpoint format,
+        the same with or without sharding); a collective under FSDP, and complete on the main process."""
+        reshard(self.network)
+        return get_optimizer_state_dict(self.network, _unwrap(self.optimizer, "optimizer"),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # fmt: skip
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        reshard(self.network)
+        set_optimizer_state_dict(self.network, _unwrap(self.optimizer, "optimizer"), state,
+                                 options=StateDictOptions(full_state_dict=True))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- the loop
@@ -411,12 +436,14 @@ def _append_history(ctx: TrainContext, path: str, record: dict[str, Any]) -> Non
 
 def _checkpoint(ctx: TrainContext, directory: str, epoch: int) -> None:
     ctx.accelerator.wait_for_everyone()
+    # gathering whole tensors is a collective under FSDP: every process takes part, the main one writes
+    modules = {"trained": ctx.trained_state()}
+    if ctx.ema is not None:
+        modules["ema"] = ctx.ema.state_dict()
+    optimizer = ctx.optimizer_state()
     if ctx.accelerator.is_main_process:
-        modules = {"trained": ctx.trained_state()}
-        if ctx.ema is not None:
-            modules["ema"] = ctx.ema.state_dict()
-        save_checkpoint(directory, epoch, modules, _unwrap(ctx.optimizer, "optimizer"),
-                        _unwrap(ctx.scheduler, "scheduler"), extra={"optimizer_steps": ctx.optimizer_steps},
+        extra = {"optimizer_steps": ctx.optimizer_steps}
+        save_checkpoint(directory, epoch, modules, optimizer, _unwrap(ctx.scheduler, "scheduler"), extra=extra,
                         keep=ctx.cfg.train.keep_checkpoints)  # fmt: skip
     ctx.accelerator.wait_for_everyone()
 
@@ -434,10 +461,14 @@ def _resume(ctx: TrainContext, path: str) -> int:
         ema = load_file(os.path.join(path, "modules", "ema.safetensors")) if ctx.ema is not None else None
     except Exception as e:
         raise CheckpointError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
-    ctx.load_trained_state({k: v.to(ctx.flow.device) for k, v in trained.items()})
-    state = load_checkpoint(path, {}, _unwrap(ctx.optimizer, "optimizer"), _unwrap(ctx.scheduler, "scheduler"))
-    if ema is not None:
-        ctx.ema.load_state_dict(ema)
+    ctx.load_trained_state(trained)
+    state = load_checkpoint(path, {}, None, _unwrap(ctx.scheduler, "scheduler"))
+    try:
+        ctx.load_optimizer_state(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+        if ema is not None:
+            ctx.ema.load_state_dict(ema)
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
     ctx.optimizer_steps = int(state["extra"].get("optimizer_steps", 0))
     return int(state["step"])
 
@@ -448,16 +479,20 @@ def _export(ctx: TrainContext) -> str:
     final = os.path.join(ctx.cfg.output_dir, "final")
     ctx.accelerator.wait_for_everyone()
     ctx.flow.use_network(None)
+    if ctx.ema is not None:
+        ctx.ema.copy_to()
+    # whole tensors (a collective under FSDP): the LoRA, or the transformer's full state with its buffers
+    reshard(ctx.network)
+    state = ctx.trained_state() if ctx.uses_lora else ctx.accelerator.get_state_dict(ctx.network)
     if ctx.accelerator.is_main_process:
         tmp = f"{final}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        if ctx.ema is not None:
-            ctx.ema.copy_to()
         if ctx.uses_lora:
-            ctx.flow.save_lora(tmp)
+            ctx.flow.save_lora(tmp, state_dict=state)
         else:
-            ctx.flow.transformer.save_pretrained(tmp)
+            ctx.flow.transformer.save_config(tmp)
+            save_torch_state_dict(state, tmp, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     ctx.accelerator.wait_for_everyone()
