@@ -5,9 +5,10 @@
         --budgets 1024 2048 4096 8192      # the GPU run in the README
 
 The shipped base model (``builtin:world-sd3``), 20 steps, CFG 3 (a sample costs 40 NFE), the Flow-GRPO SDE
-(noise level 0.7). Reward: the world evaluator's partial credit; accuracy: its strict verdict on the returned
-image. Prompts: every k-th prompt of the held-out test split (the same ones for every method; prompt ``i`` uses
-seed ``i`` for the pool and ``i + 1000 * --seed`` for the steering rows).
+(noise level 0.7). Reward: the world evaluator's partial credit, or with ``--reward-model`` a trained world
+preference model (a continuous reward, like the DTS paper's ImageReward); accuracy: the evaluator's strict
+verdict on the returned image. Prompts: every k-th prompt of the held-out test split (the same ones for every
+method; prompt ``i`` uses seed ``i`` for the pool and ``i + 1000 * --seed`` for the steering rows).
 
 Best-of-N is measured for every N up to ``--pool`` at once: each prompt draws one pool of ``pool`` independent
 samples, and the expected reward (and accuracy) of the best of ``n`` i.i.d. draws is computed from it with the
@@ -36,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from diffalign.rewards import WorldReward  # noqa: E402
+from diffalign.rewards import PreferenceModelReward, WorldReward  # noqa: E402
 from diffalign.sampling.sampler import SDE  # noqa: E402
 from diffalign.steering import SteeringPipeline, steer  # noqa: E402
 from diffalign.steering.base import chunks  # noqa: E402
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--wave-size", type=int, default=8, help="tree walks per batched model call")
     parser.add_argument("--branch-steps", type=int, nargs="+", help="tree branching steps (default: 0 4 8 12 16)")
     parser.add_argument("--pool-batch", type=int, default=64, help="pool samples per batched call")
+    parser.add_argument("--reward-model", help="steer toward a trained world preference model (a folder written by "
+                        "`diffalign train-reward configs/rewards/train_preference_world.yaml`) instead of the "
+                        "evaluator's partial credit")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -102,7 +106,7 @@ def main() -> None:
     specs = test_prompts()
     every = max(1, len(specs) // args.prompts)
     prompts = [s.text for s in specs[::every][: args.prompts]]
-    reward = WorldReward("score")
+    reward = PreferenceModelReward(args.reward_model) if args.reward_model else WorldReward("score")
 
     def problem(prompt: str):
         return pipe.problem(prompt, reward, num_inference_steps=20, height=64, width=64, guidance_scale=3.0,
@@ -112,7 +116,7 @@ def main() -> None:
           f"c_uct {args.c_uct}, widening C {args.widening} alpha {args.alpha}", flush=True)  # fmt: skip
 
     # best-of-N: one pool per prompt, every N from it (optionally cached: the pool is most of the run time)
-    key = {"model": args.model, "prompts": prompts, "pool": args.pool}
+    key = {"model": args.model, "prompts": prompts, "pool": args.pool, "reward": args.reward_model or "world"}
     if args.device != "cpu":  # a device draws other noise than the CPU, so it keeps its own pools
         key["device"] = args.device
     cached = (
@@ -125,9 +129,8 @@ def main() -> None:
             scores, correct = [], []
             for size in chunks(args.pool, args.pool_batch):
                 images = flow.decode_latents(prob.sample(size, generator).final)
-                verdicts = evaluate_batch(images, [prompt] * size)
-                scores += [v.score for v in verdicts]
-                correct += [v.correct for v in verdicts]
+                scores += reward(images, [prompt] * size).tolist()
+                correct += [v.correct for v in evaluate_batch(images, [prompt] * size)]
             pools.append((scores, correct))
         cached = {"key": key, "pools": pools, "seconds_per_prompt": (time.time() - start) / len(prompts)}
         if args.pool_cache:
