@@ -15,7 +15,8 @@ from diffalign.pipelines.tiny import build_tiny
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_two_process_flow_grpo_epoch(tmp_path):
+def _tiny_job(tmp_path, **train) -> str:
+    """A tiny SD3 Flow-GRPO job (prompts, reward fixture, 2 prompts x 4 samples per epoch); returns its path."""
     build_tiny("sd3").save_pretrained(tmp_path / "sd3")
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\nthree crosses\n")
     config = {
@@ -23,22 +24,30 @@ def test_two_process_flow_grpo_epoch(tmp_path):
         "model": {"family": "sd3", "path": str(tmp_path / "sd3"), "device": "cpu"},
         "lora": {"rank": 4, "alpha": 8}, "prompts": str(tmp_path / "prompts.txt"),
         "eval_prompts": str(tmp_path / "prompts.txt"), "rewards": [{"name": "reward_fixtures:Redness"}],
-        "train": {"lr": 0.01},
+        "train": {"lr": 0.01, **train},
         "sampling": {"num_steps": 2, "height": 32, "width": 32},
         "flow_grpo": {"prompts_per_epoch": 2, "group_size": 4, "batch_size": 2, "num_steps": 3,
                       "guidance_scale": 1.0, "beta": 0.0, "clip_range": 0.2},
     }  # fmt: skip
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _launch(script: str, *args: str) -> None:
+    """``accelerate launch`` two CPU processes (gloo) running ``tests/<script>`` with ``args``."""
     pythonpath = HERE + os.pathsep + os.environ.get("PYTHONPATH", "")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": pythonpath,
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           os.path.join(HERE, "ddp_worker.py"), str(path), str(tmp_path)]  # fmt: skip
+           os.path.join(HERE, script), *args]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        pytest.fail(f"accelerate launch failed:\n{result.stderr[-3000:]}")
+        pytest.fail(f"accelerate launch {script} {' '.join(args[:1])} failed:\n{result.stderr[-3000:]}")
+
+
+def test_two_process_flow_grpo_epoch(tmp_path):
+    _launch("ddp_worker.py", _tiny_job(tmp_path), str(tmp_path))
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert int(r0["world"]) == 2
     lora = [k for k in r0 if k.startswith("lora.")]
@@ -51,37 +60,13 @@ def test_two_process_flow_grpo_epoch(tmp_path):
     assert torch.equal(r0["groups"], r1["groups"])
 
 
-def _launch(tmp_path, mode: str, config, *overrides: str) -> None:
-    pythonpath = HERE + os.pathsep + os.environ.get("PYTHONPATH", "")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           os.path.join(HERE, "train_worker.py"), mode, str(config), *overrides]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        pytest.fail(f"accelerate launch ({mode}) failed:\n{result.stderr[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def sharded_job(tmp_path_factory):
     """A tiny SD3 Flow-GRPO job for the 2-process runs (EMA every step, a checkpoint every epoch)."""
     tmp_path = tmp_path_factory.mktemp("sharded")
-    build_tiny("sd3").save_pretrained(tmp_path / "sd3")
-    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\nthree crosses\n")
-    config = {
-        "kind": "train", "algorithm": "flow_grpo", "seed": 1,
-        "model": {"family": "sd3", "path": str(tmp_path / "sd3"), "device": "cpu"},
-        "lora": {"rank": 4, "alpha": 8}, "prompts": str(tmp_path / "prompts.txt"),
-        "eval_prompts": str(tmp_path / "prompts.txt"), "rewards": [{"name": "reward_fixtures:Redness"}],
-        "train": {"lr": 0.01, "epochs": 3, "ema_decay": 0.5, "ema_every": 1, "checkpoint_every": 1,
-                  "eval_every": 3, "eval_images_per_prompt": 1},
-        "sampling": {"num_steps": 2, "height": 32, "width": 32},
-        "flow_grpo": {"prompts_per_epoch": 2, "group_size": 4, "batch_size": 2, "num_steps": 3,
-                      "guidance_scale": 1.0, "beta": 0.0, "clip_range": 0.2},
-    }  # fmt: skip
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return tmp_path, path
+    job = _tiny_job(tmp_path, epochs=3, ema_decay=0.5, ema_every=1, checkpoint_every=1, eval_every=3,
+                    eval_images_per_prompt=1)  # fmt: skip
+    return tmp_path, job
 
 
 def _lora(run) -> dict[str, torch.Tensor]:
@@ -90,10 +75,10 @@ def _lora(run) -> dict[str, torch.Tensor]:
 
 def test_fsdp2_lora_matches_ddp_and_resumes_identically(sharded_job):
     tmp_path, job = sharded_job
-    _launch(tmp_path, "fsdp", job, f"output_dir={tmp_path / 'fsdp'}")
-    _launch(tmp_path, "ddp", job, f"output_dir={tmp_path / 'ddp'}")
-    _launch(tmp_path, "fsdp", job, f"output_dir={tmp_path / 'resumed'}", "train.epochs=2")
-    _launch(tmp_path, "fsdp", job, f"output_dir={tmp_path / 'resumed'}")  # resumes from epoch 2
+    _launch("train_worker.py", "fsdp", job, f"output_dir={tmp_path / 'fsdp'}")
+    _launch("train_worker.py", "ddp", job, f"output_dir={tmp_path / 'ddp'}")
+    _launch("train_worker.py", "fsdp", job, f"output_dir={tmp_path / 'resumed'}", "train.epochs=2")
+    _launch("train_worker.py", "fsdp", job, f"output_dir={tmp_path / 'resumed'}")  # resumes from epoch 2
     sharded, ddp, resumed = _lora(tmp_path / "fsdp"), _lora(tmp_path / "ddp"), _lora(tmp_path / "resumed")
     assert sharded.keys() == ddp.keys() == resumed.keys()
     assert any(v.abs().max() > 1e-3 for k, v in sharded.items() if "lora_B" in k), "training did not move lora_B"
@@ -106,7 +91,7 @@ def test_fsdp2_full_fine_tuning_exports_a_stock_transformer(sharded_job):
     from diffusers import SD3Transformer2DModel
 
     tmp_path, job = sharded_job
-    _launch(tmp_path, "fsdp", job, f"output_dir={tmp_path / 'full'}", "lora.rank=0", "train.lr=0.001",
+    _launch("train_worker.py", "fsdp", job, f"output_dir={tmp_path / 'full'}", "lora.rank=0", "train.lr=0.001",
             "train.epochs=1")  # fmt: skip
     tuned = SD3Transformer2DModel.from_pretrained(str(tmp_path / "full" / "final")).state_dict()
     base = SD3Transformer2DModel.from_pretrained(str(tmp_path / "sd3"), subfolder="transformer").state_dict()
