@@ -105,3 +105,29 @@ def test_fsdp2_full_fine_tuning_exports_a_stock_transformer(sharded_job):
     )
     assert checkpoint.keys() == params.keys()
     assert all(checkpoint[k].shape == params[k].shape for k in params)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(sharded_job):
+    """Checkpoints hold whole tensors keyed by name, so a run sharded over 2 processes continues on one."""
+    import shutil
+
+    from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer
+    from diffalign.config import load_config
+    from diffalign.training.loop import run_training
+
+    tmp_path, job = sharded_job
+    if not (tmp_path / "fsdp" / "final").exists():
+        _launch("train_worker.py", "fsdp", job, f"output_dir={tmp_path / 'fsdp'}")
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "fsdp", moved)
+    sharded = _lora(moved)
+    # epochs=3: nothing left to train, so the export is the checkpoint as one process loaded it
+    run_training(load_config(FlowGRPOJob, job, [f"output_dir={moved}"]), FlowGRPOTrainer)
+    reloaded = _lora(moved)
+    assert reloaded.keys() == sharded.keys()
+    assert all(torch.equal(reloaded[k], sharded[k]) for k in sharded), "one process loaded a different state"
+    run_training(load_config(FlowGRPOJob, job, [f"output_dir={moved}", "train.epochs=4"]), FlowGRPOTrainer)
+    continued = _lora(moved)
+    assert sorted(os.listdir(moved / "checkpoints"))[-1] == "step-000004"
+    assert all(torch.isfinite(v).all() for v in continued.values())
+    assert any(not torch.equal(continued[k], sharded[k]) for k in sharded), "the resumed epoch did not train"
