@@ -1,6 +1,7 @@
 """What limits the shipped world base model's accuracy? Three checks, each printing its numbers.
 
     python benchmarks/world_base_diagnostics.py [--threads 1] [--continue-steps 4000] [--eval-every 2000]
+        [--cosine] [--train-text-encoders] [--only-continue]
 
 1. **Codec ceiling**: renders of the held-out prompts (4 scenes each), encoded and decoded by the shipped VAE, then
    judged by the world evaluator. If this were below 1, the codec or the evaluator would cap any model.
@@ -9,12 +10,16 @@
    distance to the taught latent show the transformer can draw correct images when taught them.
 3. **Longer pre-training**: the pre-training objective continued from the shipped weights on fresh training
    scenes (batch 32, lr 3e-4 after 100 warm-up steps, EMA 0.999), with the held-out benchmark (4 images per
-   prompt) and every 8th training prompt (2 images each) scored every ``--eval-every`` steps.
+   prompt) and every 8th training prompt (2 images each) scored every ``--eval-every`` steps. ``--cosine`` decays
+   the learning rate to 0 over the run (the shipped base itself ended a cosine schedule, so a constant rate leaves
+   it un-annealed); ``--train-text-encoders`` also trains the three (random, frozen in the base) text encoders,
+   encoding each batch's prompts with gradients, to test whether the prompt features limit the base.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -44,7 +49,9 @@ def load_base() -> FlowModel:
     return load_flow_model("sd3", "builtin:world-sd3", max_sequence_length=16)
 
 
-def flow_matching_step(flow: FlowModel, optimizer, x0, cond: Cond, generator: torch.Generator) -> float:
+def flow_matching_step(
+    flow: FlowModel, optimizer, x0, cond: Cond, generator: torch.Generator, clipped: torch.nn.Module | None = None
+) -> float:
     """One step of ``|| v(x_t, t, c) - (eps - x0) ||^2`` with SD3's logit-normal ``t``."""
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
@@ -54,7 +61,7 @@ def flow_matching_step(flow: FlowModel, optimizer, x0, cond: Cond, generator: to
         raise FloatingPointError(f"flow-matching loss is {float(loss)}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(flow.transformer.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_((clipped or flow.transformer).parameters(), 1.0)
     optimizer.step()
     return float(loss.detach())
 
@@ -118,7 +125,9 @@ def memorisation(flow: FlowModel, prompts_wanted: int = 6, steps: int = 300, lr:
     report("taught")
 
 
-def longer_pretraining(flow: FlowModel, steps: int, every: int, lr: float = 3e-4) -> None:
+def longer_pretraining(
+    flow: FlowModel, steps: int, every: int, lr: float = 3e-4, cosine: bool = False, train_text: bool = False
+) -> None:
     start = time.time()
     texts, images = dataset_examples(20_000, np.random.default_rng([123, 7]), split="train", size=64)
     with torch.no_grad():
@@ -132,8 +141,22 @@ def longer_pretraining(flow: FlowModel, steps: int, every: int, lr: float = 3e-4
             table.update({p: cond.index(slice(j, j + 1)) for j, p in enumerate(unique[i : i + 64])})
     print(f"longer pre-training: {len(texts)} scenes encoded in {time.time() - start:.0f} s")
     train_subset = [p.text for p in train_prompts()][::8]
+    pipe = flow.pipe
+    encoders = torch.nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3])
+
+    def encode_with_grad(prompts: list[str]) -> Cond:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=flow.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=16,
+        )
+        return Cond(embeds=embeds, pooled=pooled, prompts=prompts)
 
     def report(step: int, seconds: float) -> None:
+        flow.__dict__.pop("_empty", None)  # the cached empty-prompt conditioning is stale once encoders train
         with torch.no_grad():
             held = evaluate_world(flow, test_prompts(), SAMPLING, images_per_prompt=4, seed=0, progress=False).summary
             seen = evaluate_world(flow, train_subset, SAMPLING, images_per_prompt=2, seed=0, progress=False).summary
@@ -143,20 +166,26 @@ def longer_pretraining(flow: FlowModel, steps: int, every: int, lr: float = 3e-4
 
     report(0, 0.0)
     transformer = flow.transformer.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr)
-    ema = EMA(transformer, 0.999)
+    groups = [{"params": list(transformer.parameters())}]
+    if train_text:
+        groups.append({"params": list(encoders.requires_grad_(True).parameters())})
+    trained = torch.nn.ModuleList([transformer, encoders] if train_text else [transformer])
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    ema = EMA(trained, 0.999)
     generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
     start = time.time()
     for step in range(1, steps + 1):
+        decay = 0.5 * (1 + math.cos(math.pi * max(0, step - 100) / (steps - 100))) if cosine else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, step / 100)
+            group["lr"] = lr * min(1.0, step / 100) * decay
         rows = rng.integers(len(texts), size=32)
         drop = rng.random(32) < 0.1
-        cond = Cond.cat([table["" if d else texts[r]] for r, d in zip(rows, drop, strict=True)])
-        flow_matching_step(flow, optimizer, latents[torch.from_numpy(rows)], cond, generator)
+        prompts = ["" if d else texts[r] for r, d in zip(rows, drop, strict=True)]
+        cond = encode_with_grad(prompts) if train_text else Cond.cat([table[p] for p in prompts])
+        flow_matching_step(flow, optimizer, latents[torch.from_numpy(rows)], cond, generator, trained)
         ema.update()
         if step % every == 0:
-            transformer.eval()
+            trained.eval()
             with ema.swapped_in():
                 report(step, time.time() - start)
             transformer.train()
@@ -167,12 +196,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--continue-steps", type=int, default=4000, help="longer pre-training steps (0: skip)")
     parser.add_argument("--eval-every", type=int, default=2000)
+    parser.add_argument("--cosine", action="store_true", help="decay the continuation's learning rate to 0")
+    parser.add_argument("--train-text-encoders", action="store_true", help="train the text encoders too")
+    parser.add_argument("--only-continue", action="store_true", help="skip the codec and memorisation checks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    codec_ceiling(load_base())
-    memorisation(load_base())
+    if not args.only_continue:
+        codec_ceiling(load_base())
+        memorisation(load_base())
     if args.continue_steps > 0:
-        longer_pretraining(load_base(), args.continue_steps, args.eval_every)
+        longer_pretraining(load_base(), args.continue_steps, args.eval_every, cosine=args.cosine,
+                           train_text=args.train_text_encoders)  # fmt: skip
 
 
 if __name__ == "__main__":
