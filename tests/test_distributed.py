@@ -131,3 +131,25 @@ def test_a_two_process_checkpoint_resumes_in_one_process(sharded_job):
     assert sorted(os.listdir(moved / "checkpoints"))[-1] == "step-000004"
     assert all(torch.isfinite(v).all() for v in continued.values())
     assert any(not torch.equal(continued[k], sharded[k]) for k in sharded), "the resumed epoch did not train"
+
+
+def test_a_one_process_checkpoint_resumes_in_two_sharded_processes(sharded_job):
+    """The other direction: a run started on one process continues sharded over 2 (FSDP2), from the same state."""
+    from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer
+    from diffalign.config import load_config
+    from diffalign.training.loop import run_training
+
+    tmp_path, job = sharded_job
+    single = tmp_path / "single"
+    run_training(load_config(FlowGRPOJob, job, [f"output_dir={single}", "train.epochs=2"]), FlowGRPOTrainer)
+    one = _lora(single)
+    # epochs=2: nothing left to train, so the export is the checkpoint as the 2 sharded processes loaded it
+    _launch("train_worker.py", "fsdp", job, f"output_dir={single}", "train.epochs=2")
+    reloaded = _lora(single)
+    assert reloaded.keys() == one.keys()
+    assert all(torch.equal(reloaded[k], one[k]) for k in one), "the sharded processes loaded a different state"
+    _launch("train_worker.py", "fsdp", job, f"output_dir={single}")  # epoch 3, sharded
+    continued = _lora(single)
+    assert sorted(os.listdir(single / "checkpoints"))[-1] == "step-000003"
+    assert all(torch.isfinite(v).all() for v in continued.values())
+    assert any(not torch.equal(continued[k], one[k]) for k in one), "the sharded epoch did not train"
