@@ -251,3 +251,19 @@ def test_multi_aspect_model_learns_each_head(tmp_path):
     assert seen["artifacts"]["accuracy"] >= 0.95, seen
     assert seen["aesthetics"]["pearson"] >= 0.8, seen
     assert seen["alignment_pairs"]["pair_accuracy"] >= 0.7, seen  # measured 0.78
+
+
+def test_save_pretrained_replaces_the_folder_whole(tmp_path):
+    """A save goes to a temporary sibling and is renamed into place: an older (here corrupt) folder is replaced
+    entirely, the saved model loads exactly, and no temporary folder is left behind."""
+    target = tmp_path / "artifact"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"\x00garbage" * 20)
+    (target / "stale.txt").write_text("from an older save")
+    model = ArtifactModel(channels=[4, 8])
+    model.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+    assert not (target / "stale.txt").exists()
+    loaded = load_reward_model(str(target))
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

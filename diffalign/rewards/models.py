@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -124,18 +125,27 @@ class RewardModel(nn.Module, metaclass=ABCMeta):
         """Constructor keyword arguments (JSON-serialisable) that rebuild this architecture."""
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json``, ``model.safetensors`` and (if any) ``tokenizer/`` into ``directory``."""
+        """Write ``config.json``, ``model.safetensors`` and (if any) ``tokenizer/`` as the folder ``directory``.
+
+        The folder is written beside it under a temporary name and then renamed into place (replacing an older
+        one), so an interrupted save never leaves a half-written model where a complete one is expected."""
         from safetensors.torch import save_file
 
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
+        directory = os.path.abspath(os.fspath(directory)).rstrip(os.sep)
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(directory), f".tmp-{os.path.basename(directory)}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         cfg = {"model_type": self.model_type, "format_version": FORMAT_VERSION, **self.config()}
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(cfg, f, indent=1)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
+            self.tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike) -> RewardModel:
