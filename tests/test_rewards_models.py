@@ -256,13 +256,20 @@ def test_multi_aspect_model_learns_each_head(tmp_path):
 def test_save_pretrained_replaces_the_folder_whole(tmp_path):
     """A save goes to a temporary sibling and is renamed into place: an older (here corrupt) folder is replaced
     entirely, the saved model loads exactly, and no temporary folder is left behind."""
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("not a model")
+    with pytest.raises(FileExistsError, match="holds other files"):
+        ArtifactModel(channels=[4, 8]).save_pretrained(other)
+    assert (other / "keep.txt").read_text() == "not a model"
     target = tmp_path / "artifact"
     target.mkdir()
+    (target / "config.json").write_text("{}")
     (target / "model.safetensors").write_bytes(b"\x00garbage" * 20)
     (target / "stale.txt").write_text("from an older save")
     model = ArtifactModel(channels=[4, 8])
     model.save_pretrained(target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "notes"]
     assert not (target / "stale.txt").exists()
     loaded = load_reward_model(str(target))
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):

@@ -128,10 +128,18 @@ class RewardModel(nn.Module, metaclass=ABCMeta):
         """Write ``config.json``, ``model.safetensors`` and (if any) ``tokenizer/`` as the folder ``directory``.
 
         The folder is written beside it under a temporary name and then renamed into place (replacing an older
-        one), so an interrupted save never leaves a half-written model where a complete one is expected."""
+        saved model; a folder holding other files is refused), so an interrupted save never leaves a half-written
+        model where a complete one is expected."""
         from safetensors.torch import save_file
 
         directory = os.path.abspath(os.fspath(directory)).rstrip(os.sep)
+        if (
+            os.path.isdir(directory)
+            and os.listdir(directory)
+            and not os.path.isfile(os.path.join(directory, CONFIG_NAME))
+        ):
+            raise FileExistsError(f"{directory!r} holds other files and no saved model ({CONFIG_NAME}); "
+                                  "save into an empty or new folder")  # fmt: skip
         os.makedirs(os.path.dirname(directory), exist_ok=True)
         tmp = os.path.join(os.path.dirname(directory), f".tmp-{os.path.basename(directory)}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
