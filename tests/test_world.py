@@ -391,6 +391,11 @@ def test_label_components_matches_reference():
 def test_parse_prompt_rejects_bad_text(text):
     with pytest.raises(ValueError):
         world.parse_prompt(text)
+    assert not world.is_world_prompt(text)
+
+
+def test_is_world_prompt_accepts_every_split_prompt():
+    assert all(world.is_world_prompt(s.text) for s in world.train_prompts() + world.test_prompts())
 
 
 def test_bad_specs_and_scenes():

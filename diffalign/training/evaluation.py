@@ -19,6 +19,7 @@ from torch import Tensor
 
 from diffalign.images import save_grid
 from diffalign.sampling.generate import generate
+from diffalign.world.prompts import is_world_prompt
 
 
 def diversity(images: Tensor, prompts: list[str]) -> float:
@@ -48,7 +49,8 @@ class Evaluator:
         if cfg.train.max_eval_prompts is not None:
             prompts = prompts[: cfg.train.max_eval_prompts]
         self.prompts = [p for p in prompts for _ in range(cfg.train.eval_images_per_prompt)]
-        self.is_world = cfg.eval_prompts.startswith("world:")
+        # a world split, or a prompt file whose every line is a world prompt: judged by the world evaluator
+        self.is_world = all(is_world_prompt(p) for p in prompts)
 
     def run(self, epoch: int, tag: str) -> dict[str, Any]:
         ctx = self.ctx

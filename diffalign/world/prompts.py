@@ -291,6 +291,15 @@ def parse_prompt(text: str) -> PromptSpec:
     return PromptSpec("single_object", (obj,))
 
 
+def is_world_prompt(text: str) -> bool:
+    """Whether ``text`` follows the world's prompt grammar (so the world evaluator can judge images of it)."""
+    try:
+        parse_prompt(text)
+    except ValueError:
+        return False
+    return True
+
+
 def as_spec(prompt: str | PromptSpec) -> PromptSpec:
     """Return ``prompt`` as a :class:`PromptSpec` (parsing text)."""
     if isinstance(prompt, PromptSpec):
