@@ -1,6 +1,7 @@
 """Flow-GRPO invariants on tiny real models: advantages, ratio = 1 and KL = 0 before the update, what trains,
 exact resume, bad input."""
 
+import json
 import shutil
 
 import pytest
@@ -102,12 +103,26 @@ def test_lora_parameters_change_and_frozen_ones_do_not(tiny_models, tmp_path, fa
         assert not any(p.requires_grad for p in getattr(ctx.flow.pipe, module).parameters())
 
 
+def test_a_prompt_file_of_world_prompts_is_judged_by_the_world_evaluator(tiny_models, tmp_path):
+    prompts = tmp_path / "world.txt"
+    prompts.write_text("a photo of a red circle\na photo of two squares\n")
+    out = tmp_path / "run"
+    job = _job(tiny_models, out, prompts=str(prompts), eval_prompts=str(prompts),
+               **{"train.epochs": 1, "train.eval_images_per_prompt": 1})  # fmt: skip
+    run_training(job, FlowGRPOTrainer)
+    after = json.loads((out / "eval_after.json").read_text())
+    assert {"world/overall", "world/colors", "world/counting"} <= after.keys()
+    assert "diversity" not in after  # undefined with one image per prompt (was written as NaN)
+
+
 def test_training_run_writes_outputs_and_resumes_identically(tiny_models, tmp_path):
     out = tmp_path / "run"
     run_training(_job(tiny_models, out), FlowGRPOTrainer)
     for name in ("config.yaml", "history.jsonl", "curves.png", "eval_before.json", "eval_after.json",
                  "grids/before.png", "grids/after.png", "final/pytorch_lora_weights.safetensors"):  # fmt: skip
         assert (out / name).exists(), name
+    after = json.loads((out / "eval_after.json").read_text())
+    assert "diversity" in after and not any(k.startswith("world/") for k in after)  # not world prompts
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000002")

@@ -3,8 +3,9 @@
 Evaluation samples the held-out prompts with the EMA weights (ODE, ``cfg.sampling``), and reports: the mean of
 every optimised reward component, every monitor (rewards logged but never optimised: the reward-hacking watch),
 the within-prompt diversity (mean pairwise RMS distance between the images of one prompt, in [0, 1] pixel
-units: a collapse toward one image per prompt drives it to 0), and for world prompts the evaluator's
-per-category accuracy. It writes ``grids/<tag>.png`` and ``eval_<tag>.json``.
+units: a collapse toward one image per prompt drives it to 0; reported with two or more images per prompt), and
+for world prompts (a ``world:`` split, or a prompt file in the world's grammar) the evaluator's per-category
+accuracy. It writes ``grids/<tag>.png`` and ``eval_<tag>.json``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Evaluator:
                 summary[f"{label}/{name}"] = float(values.nanmean())
             if label == "reward":
                 summary["reward/total"] = float(torch.cat([o.total for o in outs]).nanmean())
-        summary["diversity"] = diversity(images, self.prompts)
+        if self.ctx.cfg.train.eval_images_per_prompt >= 2:  # undefined with one image per prompt
+            summary["diversity"] = diversity(images, self.prompts)
         self._correct = []
         if self.is_world:
             from diffalign.world.evaluator import evaluate_batch, summarize
