@@ -59,6 +59,12 @@ def rows(budgets: list[int]) -> list[tuple[str, str, int, dict]]:
     ]
 
 
+def held_out_prompts(count: int) -> list[str]:
+    """``count`` evenly spaced held-out (test split) prompts: the prompt set of every world steering benchmark."""
+    specs = test_prompts()
+    return [s.text for s in specs[:: max(1, len(specs) // count)][:count]]
+
+
 def best_of_n_curve(rewards: list[float], correct: list[bool]) -> list[tuple[float, float]]:
     """Expected (reward, accuracy) of the best of ``n`` i.i.d. draws for ``n = 1..len(pool)``, from one pool."""
     order = sorted(range(len(rewards)), key=lambda k: (rewards[k], correct[k]))
@@ -103,9 +109,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     pipe = SteeringPipeline.from_pretrained(args.model, family="sd3", device=args.device, max_sequence_length=16)
     flow = pipe.flow
-    specs = test_prompts()
-    every = max(1, len(specs) // args.prompts)
-    prompts = [s.text for s in specs[::every][: args.prompts]]
+    prompts = held_out_prompts(args.prompts)
     reward = PreferenceModelReward(args.reward_model) if args.reward_model else WorldReward("score")
 
     def problem(prompt: str):

@@ -30,12 +30,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from steering_world import best_of_n_curve  # noqa: E402
+from steering_world import best_of_n_curve, held_out_prompts  # noqa: E402
 
 from diffalign.rewards import WorldReward  # noqa: E402
 from diffalign.sampling.sampler import SDE  # noqa: E402
 from diffalign.steering import SteeringPipeline  # noqa: E402
-from diffalign.world import test_prompts  # noqa: E402
 
 SCREENS = [(16, 4), (32, 8), (64, 8), (64, 16)]
 
@@ -54,9 +53,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     pipe = SteeringPipeline.from_pretrained("builtin:world-sd3", family="sd3", device=args.device,
                                             max_sequence_length=16)  # fmt: skip
-    specs = test_prompts()
-    every = max(1, len(specs) // args.prompts)
-    prompts = [s.text for s in specs[::every][: args.prompts]]
+    prompts = held_out_prompts(args.prompts)
     reward = WorldReward("score")
     start = time.time()
     look = {k: [] for k in args.steps}

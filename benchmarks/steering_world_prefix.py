@@ -25,11 +25,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from steering_world import held_out_prompts  # noqa: E402
 
 from diffalign.rewards import WorldReward  # noqa: E402
 from diffalign.sampling.sampler import SDE, sample  # noqa: E402
 from diffalign.steering import SteeringPipeline  # noqa: E402
-from diffalign.world import test_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -46,9 +48,7 @@ def main() -> None:
     pipe = SteeringPipeline.from_pretrained("builtin:world-sd3", family="sd3", device=args.device,
                                             max_sequence_length=16)  # fmt: skip
     flow = pipe.flow
-    specs = test_prompts()
-    every = max(1, len(specs) // args.prompts)
-    prompts = [s.text for s in specs[::every][: args.prompts]]
+    prompts = held_out_prompts(args.prompts)
     reward = WorldReward("score")
     sde = SDE(kind="flow_sde", noise_level=0.7)
     times = flow.time_grid(20, 64, 64)
