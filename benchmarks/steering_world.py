@@ -65,6 +65,16 @@ def held_out_prompts(count: int) -> list[str]:
     return [s.text for s in specs[:: max(1, len(specs) // count)][:count]]
 
 
+def world_sde_sampler(device: str, num_steps: int = 20):
+    """The shipped world base and the sampler of the world steering benchmarks: ``(flow, reward, sde, times,
+    shape)`` with the evaluator's partial credit, the Flow-GRPO SDE at noise level 0.7, a ``num_steps`` grid and
+    64 px latents."""
+    flow = SteeringPipeline.from_pretrained("builtin:world-sd3", family="sd3", device=device,
+                                            max_sequence_length=16).flow  # fmt: skip
+    return (flow, WorldReward("score"), SDE(kind="flow_sde", noise_level=0.7), flow.time_grid(num_steps, 64, 64),
+            flow.latent_shape(64, 64))  # fmt: skip
+
+
 def best_of_n_curve(rewards: list[float], correct: list[bool]) -> list[tuple[float, float]]:
     """Expected (reward, accuracy) of the best of ``n`` i.i.d. draws for ``n = 1..len(pool)``, from one pool."""
     order = sorted(range(len(rewards)), key=lambda k: (rewards[k], correct[k]))

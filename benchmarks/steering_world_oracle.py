@@ -39,11 +39,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from steering_world import best_of_n_curve, held_out_prompts  # noqa: E402
+from steering_world import best_of_n_curve, held_out_prompts, world_sde_sampler  # noqa: E402
 
-from diffalign.rewards import WorldReward  # noqa: E402
-from diffalign.sampling.sampler import SDE, sample  # noqa: E402
-from diffalign.steering import SteeringPipeline  # noqa: E402
+from diffalign.sampling.sampler import sample  # noqa: E402
 
 SCREENS_m = [1, 2, 4, 8]
 NUM_STEPS = 20
@@ -67,14 +65,8 @@ def main() -> None:
         parser.error(f"--steps must lie in [1, {NUM_STEPS - 1}]")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    pipe = SteeringPipeline.from_pretrained("builtin:world-sd3", family="sd3", device=args.device,
-                                            max_sequence_length=16)  # fmt: skip
-    flow = pipe.flow
+    flow, reward, sde, times, shape = world_sde_sampler(args.device, NUM_STEPS)
     prompts = held_out_prompts(args.prompts)
-    reward = WorldReward("score")
-    sde = SDE(kind="flow_sde", noise_level=0.7)
-    times = flow.time_grid(NUM_STEPS, 64, 64)
-    shape = flow.latent_shape(64, 64)
     p, b = args.prefixes, args.branches
 
     def run(prompt: str, x_init: torch.Tensor, segment: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -27,11 +27,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from steering_world import held_out_prompts  # noqa: E402
+from steering_world import held_out_prompts, world_sde_sampler  # noqa: E402
 
-from diffalign.rewards import WorldReward  # noqa: E402
-from diffalign.sampling.sampler import SDE, sample  # noqa: E402
-from diffalign.steering import SteeringPipeline  # noqa: E402
+from diffalign.sampling.sampler import sample  # noqa: E402
 
 
 def main() -> None:
@@ -45,14 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    pipe = SteeringPipeline.from_pretrained("builtin:world-sd3", family="sd3", device=args.device,
-                                            max_sequence_length=16)  # fmt: skip
-    flow = pipe.flow
+    flow, reward, sde, times, shape = world_sde_sampler(args.device, 20)
     prompts = held_out_prompts(args.prompts)
-    reward = WorldReward("score")
-    sde = SDE(kind="flow_sde", noise_level=0.7)
-    times = flow.time_grid(20, 64, 64)
-    shape = flow.latent_shape(64, 64)
     p, b = args.prefixes, args.branches
     print(f"{len(prompts)} held-out prompts, {p} prefixes x {b} continuations per prompt and step; 20 steps, CFG 3")
     print(f"{'step k':>6} {'fixed(k)':>9} {'open':>6} {'P(siblings differ)':>19} {'mean reward':>12} {'s':>6}")
