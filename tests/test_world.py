@@ -236,6 +236,24 @@ def test_prompt_sets_split():
     assert 80 <= len(test) <= 200
 
 
+def test_seen_split_is_held_out_but_built_from_training_parts():
+    train, test, seen = (world.split_prompts(s) for s in ("train", "test", "test_seen"))
+    assert seen == world.split_prompts("test_seen") and len(seen) == 48
+    texts = [{p.text for p in split} for split in (train, test, seen)]
+    assert not texts[0] & texts[2] and not texts[1] & texts[2]
+    pairs = {(o.color, o.shape) for p in train for o in p.objects if o.color}
+    shape_pairs = {frozenset(p.shapes) for p in train if p.category in ("two_object", "position")}
+    relations = {p.relation.relation for p in train if p.relation is not None}
+    for p in seen:
+        assert all((o.color, o.shape) in pairs for o in p.objects if o.color), p.text
+        if p.category in ("two_object", "position"):
+            assert frozenset(p.shapes) in shape_pairs, p.text
+        if p.relation is not None:
+            assert p.relation.relation in relations
+    # the novel-binding split keeps what makes it novel: a colour phrase it uses is never a training pair
+    assert all(any((o.color, o.shape) not in pairs for o in p.objects) for p in test if p.category == "color_attr")
+
+
 def test_balanced_prompt_source_weights_categories_equally():
     from diffalign.config import ConfigError
     from diffalign.training.loop import load_prompts
@@ -437,3 +455,80 @@ def test_evaluate_batch_rejects_mismatch():
         world.evaluate_batch(np.zeros((2, 3, 64, 64), np.float32), ["a photo of a circle"])
     with pytest.raises(ValueError):
         world.evaluate_batch(np.zeros((2, 64, 64), np.float32), ["a photo of a circle"] * 2)
+
+
+# ------------------------------------------------------------------------------------------- graded credit
+def _scene(*objects: tuple[str, str, float, float]) -> np.ndarray:
+    """Render objects ``(shape, colour, x, y)`` of radius 7 on a 64 px canvas."""
+    return render_scene(world.Scene(tuple(world.SceneObject(s, c, x, y, 7.0) for s, c, x, y in objects)))
+
+
+def test_graded_credit_is_one_on_clean_correct_renders_and_one_only_when_correct():
+    rng = np.random.default_rng(11)
+    for spec in _balanced_specs(rng, 120):
+        v = world.evaluate(render_scene(sample_scene(spec, rng)), spec)
+        assert v.correct and v.graded == 1.0, (spec.text, v.details["checks"])
+    for spec in _balanced_specs(rng, 120):
+        other = ALL_SPECS[int(rng.integers(len(ALL_SPECS)))]
+        v = world.evaluate(render_scene(sample_scene(other, rng)), spec)
+        assert 0.0 <= v.graded <= 1.0
+        assert (v.graded == 1.0) <= v.correct
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_graded_credit_never_rises_with_an_extra_object(seed):
+    """Adding any object to a scene that already shows every requirement never raises the graded credit, while
+    partial credit can be raised by drawing objects."""
+    rng = np.random.default_rng(seed)
+    for spec in _balanced_specs(rng, 24):
+        scene = sample_scene(spec, rng)
+        before = world.evaluate(render_scene(scene), spec)
+        for shape in world.SHAPES:
+            extra = sample_scene(world.PromptSpec.colors(world.COLOR_NAMES[int(rng.integers(6))], shape), rng)
+            obj = extra.objects[0]
+            if any(abs(obj.x - o.x) < obj.radius + o.radius + 3 and abs(obj.y - o.y) < obj.radius + o.radius + 3
+                   for o in scene.objects):  # fmt: skip
+                continue  # overlapping objects merge into one blob: not an added object
+            after = world.evaluate(render_scene(world.Scene((*scene.objects, obj))), spec)
+            assert after.graded <= before.graded + 1e-12, (spec.text, obj)
+
+
+def test_ways_of_gaming_partial_credit_do_not_pay_under_graded_credit():
+    # 1. blobs for the object count: one triangle of two, plus a circle
+    two = "a photo of two triangles"
+    one = world.evaluate(_scene(("triangle", "red", 16, 16)), two)
+    padded = world.evaluate(_scene(("triangle", "red", 16, 16), ("circle", "blue", 46, 46)), two)
+    assert padded.score > one.score and padded.graded < one.graded
+    # 2. the asked colours on the wrong shapes (and bindings swapped)
+    attr = "a photo of a red circle and a blue triangle"
+    right = world.evaluate(_scene(("circle", "red", 16, 32), ("triangle", "blue", 46, 32)), attr)
+    swapped = world.evaluate(_scene(("triangle", "red", 16, 32), ("circle", "blue", 46, 32)), attr)
+    half = world.evaluate(_scene(("circle", "red", 16, 32)), attr)
+    assert right.graded == 1.0 and swapped.score > 0.3
+    assert swapped.graded < half.graded < right.graded
+    # 3. scattering every colour and shape to collect colour and shape credits
+    scatter = world.evaluate(
+        _scene(("square", "red", 12, 12), ("cross", "blue", 52, 12), ("circle", "green", 12, 52),
+               ("triangle", "yellow", 52, 52), ("circle", "blue", 32, 32)), attr)  # fmt: skip
+    assert scatter.score > half.score and scatter.graded < half.graded
+    # 4. position: objects present but not in the asked relation earn no relation credit
+    pos = "a photo of a circle left of a square"
+    left = world.evaluate(_scene(("circle", "red", 14, 32), ("square", "blue", 50, 32)), pos)
+    mirrored = world.evaluate(_scene(("circle", "red", 50, 32), ("square", "blue", 14, 32)), pos)
+    assert left.graded == 1.0 and mirrored.graded < 0.25
+
+
+def test_graded_world_reward_and_its_errors():
+    import torch
+
+    from diffalign.rewards import RewardError, RewardSet
+    from diffalign.rewards.world import WorldReward
+
+    images = torch.from_numpy(np.stack([_scene(("circle", "red", 32, 32)), _scene(("square", "red", 32, 32))]))
+    prompts = ["a photo of a red circle"] * 2
+    values = WorldReward(mode="graded")(images, prompts)
+    assert values.tolist()[0] == 1.0 and 0.0 < values.tolist()[1] < 0.3
+    with pytest.raises(ValueError, match="mode"):
+        WorldReward(mode="strict")
+    with pytest.raises(RewardError, match="a photo of"):
+        RewardSet({"world": WorldReward(mode="graded")})(images, ["a red circle on a table"] * 2)

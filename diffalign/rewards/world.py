@@ -1,22 +1,26 @@
-"""The embedded world's rule-based evaluator as a reward (its GenEval-style partial credit, or strict 0/1)."""
+"""The embedded world's rule-based evaluator as a reward: graded credit, partial credit, or strict 0/1."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from diffalign.rewards.base import Reward
-from diffalign.world.evaluator import evaluate_batch
+from diffalign.world.evaluator import Verdict, evaluate_batch
 
 
 class WorldReward(Reward):
     """Score each image against its world prompt.
 
     Args:
-        mode: ``"score"`` (partial credit in [0, 1]: the fraction of the prompt's requirements that hold) or
-            ``"correct"`` (1 when every requirement holds, else 0; GenEval's strict accuracy).
+        mode: ``"graded"`` (the graded credit in [0, 1]: a product of count, shape-quality and relation-margin
+            factors over what the prompt asks, lowered by every object it does not ask for; extra or wrong
+            objects never raise it, see :mod:`diffalign.world.evaluator`), ``"score"`` (partial credit in
+            [0, 1]: the mean of the prompt's check credits; drawing extra objects can raise it) or ``"correct"``
+            (1 when every requirement holds, else 0; GenEval's strict accuracy).
 
     Not differentiable (connected components and counting). Prompts must be world prompts (``parse_prompt``
     raises a ``ValueError`` naming the prompt otherwise).
@@ -24,12 +28,20 @@ class WorldReward(Reward):
 
     name = "world"
 
-    def __init__(self, mode: Literal["score", "correct"] = "score") -> None:
-        if mode not in ("score", "correct"):
-            raise ValueError(f"WorldReward mode must be 'score' or 'correct', got {mode!r}")
+    def __init__(self, mode: Literal["graded", "score", "correct"] = "score") -> None:
+        if mode not in MODES:
+            raise ValueError(f"WorldReward mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
 
     def score(self, images: Tensor, prompts: list[str], **meta: Any) -> Tensor:
         verdicts = evaluate_batch(images.detach().float().cpu().numpy(), prompts)
-        values = [v.score if self.mode == "score" else float(v.correct) for v in verdicts]
+        values = [MODES[self.mode](v) for v in verdicts]
         return torch.tensor(values, dtype=torch.float32, device=images.device)
+
+
+#: mode -> the verdict's value that the reward returns.
+MODES: dict[str, Callable[[Verdict], float]] = {
+    "graded": lambda v: v.graded,
+    "score": lambda v: v.score,
+    "correct": lambda v: float(v.correct),
+}

@@ -37,6 +37,25 @@ Score (partial credit, for RL). The verdict's checks each give a credit in [0, 1
 * ``relation`` (position): 1 if both groups are found and the relation holds for all pairs, else 0.
 
 Unrequested extra objects are not penalised (as in GenEval) except through exact counts.
+
+Graded credit (the RL reward that cannot be gamed; :func:`graded_credit`). Partial credit pays for drawing any
+object, any colour and any shape the prompt names, so a policy learns to scatter blobs; the graded credit pays
+only for what the prompt asks, as a product of factors in [0, 1]:
+
+* per object group, with its *members* the detected objects of the group's shape (and colour, if named):
+  a count credit (``min(n, k) / k``; counting ``max(0, 1 - |n - k| / k)``) times the shape quality of its worst
+  member, ``clip((MAX_SHAPE_DISTANCE - d) / (MAX_SHAPE_DISTANCE - GRADED_SHAPE_FULL), 0, 1)`` of its template
+  residual ``d`` (a crisp shape scores 1, a shape the classifier barely accepts scores near 0);
+* position: the relation's margin for the worst (subject, object) pair, the normalised offset component along
+  the relation mapped from ``[GRADED_RELATION_ZERO, RELATION_MIN_COMPONENT]`` to [0, 1];
+* each of these credits ``c`` enters as ``GRADED_FLOOR + (1 - GRADED_FLOOR) c``, so that an image that gets part
+  of the prompt right scores above one that gets nothing right;
+* every detected object that belongs to no group (a wrong shape, a wrong colour, an unrecognised blob)
+  multiplies the credit by ``GRADED_EXTRA_FACTOR``.
+
+Once every requirement is present, adding any object can only lower it (a new member can only lower a worst-member
+quality or a worst-pair margin, or overshoot a count; a non-member costs the extra factor), and it is below 1
+unless the image is strictly correct, so ``graded == 1`` implies ``correct``.
 """
 
 from __future__ import annotations
@@ -54,8 +73,10 @@ from diffalign.world.scene import (
     COLOR_NAMES,
     COLORS,
     CROSS_ARM,
+    RELATION_MIN_COMPONENT,
     SHAPES,
     relations_between,
+    relative_offset,
     shape_mask,
 )
 
@@ -71,6 +92,14 @@ MAX_AREA_FRACTION = 0.5
 ASPECT_RANGE: tuple[float, float] = (0.6, 1.0 / 0.6)
 #: Largest template residual (see module docstring) for a shape to be recognised.
 MAX_SHAPE_DISTANCE = 0.35
+#: Graded credit: template residual at and below which a shape has full quality (clean renders: ~0.05).
+GRADED_SHAPE_FULL = 0.15
+#: Graded credit: normalised offset component at and below which a relation has no credit (it holds at 0.5).
+GRADED_RELATION_ZERO = 0.2
+#: Graded credit: factor for every detected object that no requirement asks for.
+GRADED_EXTRA_FACTOR = 0.5
+#: Graded credit: the factor of a requirement that is not met at all.
+GRADED_FLOOR = 0.2
 
 _BG = np.asarray(BACKGROUND, dtype=np.float32)
 _DIRS = np.asarray([COLORS[c] for c in COLOR_NAMES], dtype=np.float32) - _BG  # (K, 3)
@@ -118,12 +147,18 @@ class Verdict:
         correct: strict GenEval-style correctness (all requirements hold).
         score: partial credit in [0, 1] (mean of the check credits; 1 iff ``correct``).
         details: ``prompt`` (text), ``category``, ``objects`` (detected objects as dicts), ``checks``
-            (check name -> credit in [0, 1]) and ``passed`` (check name -> bool).
+            (check name -> credit in [0, 1]), ``passed`` (check name -> bool) and ``graded`` (the graded
+            credit, :func:`graded_credit`).
     """
 
     correct: bool
     score: float
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graded(self) -> float:
+        """The graded credit in [0, 1] (see the module docstring): 1 only when ``correct``."""
+        return float(self.details["graded"])
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -347,14 +382,54 @@ def judge(spec: PromptSpec | str, objects: Sequence[DetectedObject]) -> Verdict:
     passed = {name: credit >= 1.0 for name, credit in checks.items()}
     correct = all(passed.values())
     score = 1.0 if correct else float(min(np.mean(list(checks.values())), 1.0 - 1e-6))
+    graded = graded_credit(spec, objects)
     details = {
         "prompt": spec.text,
         "category": spec.category,
         "objects": [o.as_dict() for o in objects],
         "checks": checks,
         "passed": passed,
+        "graded": graded if correct else min(graded, 1.0 - 1e-6),
     }
     return Verdict(correct=correct, score=score, details=details)
+
+
+def _shape_quality(distance: float) -> float:
+    return float(np.clip((MAX_SHAPE_DISTANCE - distance) / (MAX_SHAPE_DISTANCE - GRADED_SHAPE_FULL), 0.0, 1.0))
+
+
+def _relation_margin(relation: str, box_a: tuple[float, ...], box_b: tuple[float, ...]) -> float:
+    dx, dy = relative_offset(box_a, box_b)
+    component = {"left of": -dx, "right of": dx, "above": -dy, "below": dy}[relation]
+    span = RELATION_MIN_COMPONENT - GRADED_RELATION_ZERO
+    return float(np.clip((component - GRADED_RELATION_ZERO) / span, 0.0, 1.0))
+
+
+def graded_credit(spec: PromptSpec | str, objects: Sequence[DetectedObject]) -> float:
+    """The graded credit in [0, 1] of detected ``objects`` for a prompt (module docstring): a product of count,
+    shape-quality and relation-margin factors over what the prompt asks, times ``GRADED_EXTRA_FACTOR`` for every
+    object no requirement asks for."""
+    spec = as_spec(spec)
+
+    def factor(c: float) -> float:
+        return GRADED_FLOOR + (1.0 - GRADED_FLOOR) * c
+
+    credit = 1.0
+    members: list[list[DetectedObject]] = []
+    for req in spec.objects:
+        group = [o for o in objects if o.shape == req.shape and (req.color is None or o.color == req.color)]
+        members.append(group)
+        n, k = len(group), req.count
+        count = max(0.0, 1.0 - abs(n - k) / k) if spec.category == "counting" else min(n, k) / k
+        quality = min((_shape_quality(o.shape_distance) for o in group), default=0.0)
+        credit *= factor(count * quality)
+    if spec.relation is not None:
+        subj, obj = members[spec.relation.subject], members[spec.relation.object]
+        pairs = [(a, b) for a in subj for b in obj if a is not b]
+        credit *= factor(min((_relation_margin(spec.relation.relation, a.box, b.box) for a, b in pairs), default=0.0))
+    used = {id(o) for group in members for o in group}
+    credit *= GRADED_EXTRA_FACTOR ** sum(id(o) not in used for o in objects)
+    return float(credit)
 
 
 def evaluate(image: Any, prompt: PromptSpec | str) -> Verdict:

@@ -13,8 +13,16 @@ category           example
 ``color_attr``     "a photo of a red circle and a blue triangle"
 =================  ============================================
 
-Train/test split (deterministic, no RNG). The test set consists of *held-out combinations* that never occur
-as a training prompt, so that an aligned model has something to generalise to:
+Splits (deterministic, no RNG). Two held-out splits, both disjoint from ``train``:
+
+* ``test``: *novel bindings*, combinations that never occur in any training prompt (below), so that an aligned
+  model has something to generalise to; harder than GenEval's test set.
+* ``test_seen``: *GenEval-comparable*, held-out prompts every part of which occurs in training (every
+  colour-shape pair, shape pair and relation triple of them is in some training prompt; GenEval's test prompts
+  likewise reuse training objects and attributes): 32 colour-attribution, 4 colour, 8 position, 2 two-object
+  and 2 counting prompts taken out of the training combinations by a stable hash of their text.
+
+The ``test`` split:
 
 * ``single_object``: 4 prompts in all; test = {square, cross}, train = {circle, triangle}.
 * ``two_object``: ordered pairs of distinct shapes (12); the unordered pairs {circle, triangle} and
@@ -61,7 +69,7 @@ from diffalign.world.scene import (
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 PREFIX = "a photo of "
-SPLITS: tuple[str, ...] = ("train", "test")
+SPLITS: tuple[str, ...] = ("train", "test", "test_seen")
 
 
 @dataclass(frozen=True)
@@ -330,6 +338,8 @@ HELD_OUT_POSITIONS: frozenset[tuple[str, str, str]] = frozenset(
 TEST_SINGLE_SHAPES: tuple[str, ...] = ("square", "cross")
 #: Number of color_attr prompts in the test split.
 N_TEST_COLOR_ATTR = 64
+#: Prompts per category moved from the training combinations to the ``test_seen`` split.
+N_TEST_SEEN: dict[str, int] = {"color_attr": 32, "colors": 4, "position": 8, "two_object": 2, "counting": 2}
 COUNTING_COUNTS: tuple[int, ...] = (2, 3, 4)
 
 
@@ -365,7 +375,26 @@ def _build_splits() -> dict[str, tuple[PromptSpec, ...]]:
             train.append(spec)
     chosen = set(sorted(attr_test, key=_stable_key)[:N_TEST_COLOR_ATTR])
     test.extend(s for s in attr_test if s in chosen)
-    return {"train": tuple(train), "test": tuple(test)}
+    seen = _seen_split(train)
+    return {"train": tuple(p for p in train if p not in seen), "test": tuple(test), "test_seen": tuple(seen)}
+
+
+def _seen_split(train: list[PromptSpec]) -> list[PromptSpec]:
+    """The ``test_seen`` prompts: per category, the first training combinations by stable hash whose removal keeps
+    every part of them in training (a two-object pair keeps its other order; a colour phrase keeps its pair in
+    colour-attribution prompts), in training order."""
+    picked: set[PromptSpec] = set()
+    for category, n in N_TEST_SEEN.items():
+        pool = sorted((p for p in train if p.category == category), key=_stable_key)
+        taken: list[PromptSpec] = []
+        for spec in pool:
+            if len(taken) == n:
+                break
+            if category == "two_object" and any(set(t.shapes) == set(spec.shapes) for t in taken):
+                continue
+            taken.append(spec)
+        picked.update(taken)
+    return [p for p in train if p in picked]
 
 
 def train_prompts() -> list[PromptSpec]:
@@ -374,15 +403,21 @@ def train_prompts() -> list[PromptSpec]:
 
 
 def test_prompts() -> list[PromptSpec]:
-    """The fixed held-out test prompt set (deterministic order; see the module docstring)."""
+    """The fixed held-out test prompt set of novel bindings (deterministic order; see the module docstring)."""
     return list(_build_splits()["test"])
 
 
+def test_seen_prompts() -> list[PromptSpec]:
+    """The GenEval-comparable held-out prompt set (deterministic order; see the module docstring)."""
+    return list(_build_splits()["test_seen"])
+
+
 test_prompts.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported into tests
+test_seen_prompts.__test__ = False  # type: ignore[attr-defined]
 
 
 def split_prompts(split: str) -> list[PromptSpec]:
-    """``train_prompts()`` or ``test_prompts()`` by name."""
+    """``train_prompts()``, ``test_prompts()`` or ``test_seen_prompts()`` by name."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     return list(_build_splits()[split])
