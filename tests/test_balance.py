@@ -314,6 +314,31 @@ def _autograd_rows_of(params, losses) -> torch.Tensor:
     return torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in rows])
 
 
+def test_a_grad_scaler_scales_what_is_written_not_what_is_solved_or_reported(request):
+    """With fp16 loss scaling (accelerate's GradScaler), ``.grad`` holds scaled gradients for the scaler to unscale:
+    the balancer writes the scaled direction, while weights and norms are those of the unscaled gradients."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # what Accelerator(mixed_precision="fp16") sets
+    x, target, advantages = _batch()
+    reports, grads = [], []
+    for accelerator in (None, acc):
+        model = _model()
+        balancer = GradientBalancer(BalanceConfig(method="marble"), ["a", "b", "c"], list(model.parameters()),
+                                    accelerator=accelerator)  # fmt: skip
+        losses, kl = _losses(model, x, target, advantages)
+        reports.append(balancer.solve(losses, optimizer_step=0, regulariser=kl))
+        grads.append(_grads(model))
+    torch.testing.assert_close(grads[1], 1024.0 * grads[0])
+    torch.testing.assert_close(reports[1].weights, reports[0].weights)
+    torch.testing.assert_close(reports[1].grad_norms, reports[0].grad_norms)
+    assert reports[1].update_norm == pytest.approx(reports[0].update_norm)
+
+
 def test_measure_reports_the_conflict_of_a_weighted_sum():
     """Two rewards whose gradients nearly oppose, one much larger: the summed update points against the small one;
     ``measure`` writes the update's own gradient and reports the negative cosine."""
@@ -451,7 +476,7 @@ def test_reward_losses_mask_abstentions_and_reward_table_stacks_components():
     x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     advantages = torch.tensor([[1.0, float("nan")], [2.0, float("nan")], [float("nan"), float("nan")]])
     losses = reward_losses(lambda a: a * x, advantages)
-    assert float(losses[0]) == pytest.approx((1 * 1 + 2 * 2) / 2) and float(losses[1]) == 0.0
+    assert losses[0].item() == pytest.approx((1 * 1 + 2 * 2) / 2) and losses[1].item() == 0.0
     assert losses[1].requires_grad  # still attached: every process can run the same backward passes
     table, names = reward_table({"p": torch.ones(3), "q": torch.zeros(3)})
     assert names == ["p", "q"] and table.shape == (3, 2)
