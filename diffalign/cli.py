@@ -273,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What running the same command again does, for a command that resumes from its run folder's checkpoints."""
+    run_dir = getattr(args, "resume_dir", None)
+    if run_dir is None:
+        return ""
+    from diffalign.training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if latest is None:
+        return (" before the first checkpoint (one is saved every train.checkpoint_every); the same command starts "
+                "the run over")  # fmt: skip
+    return f"; the same command resumes from the newest checkpoint, {latest}"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
@@ -287,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        resume = getattr(args, "resume_dir", None)
-        hint = (f"; run the same command again to resume from the newest checkpoint in "
-                f"{os.path.join(resume, 'checkpoints')}") if resume else ""  # fmt: skip
-        print(f"diffalign {args.command}: interrupted{hint}", file=sys.stderr)  # noqa: T201
+        print(f"diffalign {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)  # noqa: T201
         return 130
     except Exception as e:
         if not is_user_error(e):

@@ -13,7 +13,7 @@ from PIL import Image
 from diffalign.cli import main
 from diffalign.config import ConfigError, SampleJob, check_output_dir, load_config, resolve_device
 from diffalign.pipelines.tiny import build_tiny
-from diffalign.training.checkpoint import CheckpointError
+from diffalign.training.checkpoint import CheckpointError, save_checkpoint
 
 WORLD_TRAIN = os.path.join(os.path.dirname(__file__), "..", "configs", "world", "flow_grpo.yaml")
 
@@ -195,10 +195,16 @@ def test_train_fails_on_bad_values_before_any_model_loads(tmp_path, train_calls,
 
 def test_ctrl_c_prints_the_resume_hint_and_exits_130(tmp_path, train_calls, capsys):
     train_calls["raise"] = KeyboardInterrupt()
-    assert main(["train", WORLD_TRAIN, f"output_dir={tmp_path / 'run'}"]) == 130
+    run = ["train", WORLD_TRAIN, f"output_dir={tmp_path / 'run'}"]
+    assert main(run) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted before the first checkpoint" in err and "starts" in err
+    save_checkpoint(tmp_path / "run" / "checkpoints", 10, {"trained": {"w": torch.zeros(1)}})
+    assert main(run) == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "interrupted" in err
-    assert "same command" in err and str(tmp_path / "run" / "checkpoints") in err
+    newest = tmp_path / "run" / "checkpoints" / "step-000010"
+    assert f"the same command resumes from the newest checkpoint, {newest}" in err
 
 
 def test_only_the_projects_own_errors_become_one_line(tmp_path, train_calls, capsys):
