@@ -41,6 +41,7 @@ USER_ERRORS: dict[str, tuple[str, ...]] = {
     "builtins": ("FileNotFoundError", "FloatingPointError"),
     "diffalign.config": ("ConfigError",),
     "diffalign.rewards.base": ("RewardError",),
+    "diffalign.rewards.data": ("DataError",),
     "diffalign.rewards.hub": ("CheckpointError",),
     "diffalign.training.checkpoint": ("CheckpointError",),
     "diffalign.steering.base": ("BudgetError",),

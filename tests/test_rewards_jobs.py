@@ -16,6 +16,7 @@ from diffalign.cli import job_schema, main
 from diffalign.config import ConfigError, load_config, read_kind
 from diffalign.images import save_images
 from diffalign.rewards import REWARDS, RewardConfig, build_reward
+from diffalign.rewards.data import DataError
 from diffalign.rewards.jpeg import JpegCompressibilityReward, JpegIncompressibilityReward, jpeg_sizes_kb
 from diffalign.rewards.scoring import ScoreJob, run_score
 from diffalign.rewards.training import TrainRewardJob
@@ -99,7 +100,7 @@ def test_run_score_with_an_index(tmp_path, world_folder):
 def test_run_score_errors(tmp_path, world_folder):
     folder, prompts = world_folder
     (tmp_path / "short.txt").write_text("\n".join(prompts[:3]))
-    with pytest.raises(ValueError, match="3 prompts but .* 4 images"):
+    with pytest.raises(DataError, match="3 prompts but .* 4 images"):
         run_score(_score_job(), folder, str(tmp_path / "short.txt"), str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="no prompts"):
         run_score(_score_job(), folder, None, str(tmp_path / "out"))
@@ -174,7 +175,7 @@ def test_score_skips_unreadable_images_and_reports_them(tmp_path, world_folder, 
     for file in files[0], files[3]:
         with open(os.path.join(folder, file), "wb") as f:
             f.write(b"")
-    with pytest.raises(ConfigError, match="none of the 4 images"):
+    with pytest.raises(DataError, match="none of the 4 images"):
         run_score(_score_job(), folder, str(tmp_path / "prompts.txt"), str(tmp_path / "out"))
 
 
@@ -220,3 +221,8 @@ def test_cli_score_and_train_reward(tmp_path, world_folder, capsys):
     (tmp_path / "taken").write_text("")
     assert main(["score", str(cfg), "--images", folder, "--out", str(tmp_path / "taken")]) == 2
     assert "--out" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "artifact": 1}\nnot json\n')  # bad data: one line
+    assert main(["train-reward", train_cfg, "data.source=jsonl", f"data.train_path={tmp_path / 'bad.jsonl'}",
+                 f"output_dir={tmp_path / 'bad'}", "device=cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.jsonl:2: not valid JSON" in err

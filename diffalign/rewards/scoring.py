@@ -25,7 +25,7 @@ from PIL import Image
 from diffalign.config import ConfigError, check_device, resolve_device, save_config
 from diffalign.images import from_pil
 from diffalign.rewards import RewardConfig, build_reward_set
-from diffalign.rewards.data import IMAGE_EXTENSIONS, _read_jsonl
+from diffalign.rewards.data import IMAGE_EXTENSIONS, DataError, _read_jsonl
 
 log = logging.getLogger("diffalign.score")
 
@@ -59,7 +59,7 @@ def list_images(directory: str) -> list[str]:
         raise FileNotFoundError(f"image folder {directory!r} does not exist")
     files = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise ConfigError(f"image folder {directory!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"image folder {directory!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -68,10 +68,10 @@ def read_index(path: str) -> list[tuple[str, str]]:
     rows = []
     for lineno, row in enumerate(_read_jsonl(path), 1):
         if "file" not in row or "prompt" not in row:
-            raise ConfigError(f"{path}: row {lineno} needs 'file' and 'prompt'")
+            raise DataError(f"{path}: row {lineno} needs 'file' and 'prompt'")
         rows.append((str(row["file"]), str(row["prompt"])))
     if not rows:
-        raise ConfigError(f"prompt index {path!r} is empty")
+        raise DataError(f"prompt index {path!r} is empty")
     return rows
 
 
@@ -101,7 +101,7 @@ def pair_images_with_prompts(images_dir: str, prompts: str | None) -> list[tuple
     with open(prompts) as f:
         lines = [line.strip() for line in f if line.strip()]
     if len(lines) != len(files):
-        raise ConfigError(f"{prompts} has {len(lines)} prompts but {images_dir!r} holds {len(files)} images; "
+        raise DataError(f"{prompts} has {len(lines)} prompts but {images_dir!r} holds {len(files)} images; "
                          "give one prompt per image, in sorted filename order")  # fmt: skip
     return [(os.path.join(images_dir, f), p) for f, p in zip(files, lines, strict=True)]
 
@@ -180,7 +180,7 @@ def run_score(job: ScoreJob, images_dir: str, prompts: str | None, out_dir: str)
         batch.append((path, prompt, image))
     flush()
     if not rows:
-        raise ConfigError(f"none of the {len(items)} images in {images_dir!r} could be read")
+        raise DataError(f"none of the {len(items)} images in {images_dir!r} could be read")
     summary = {name: _stats([r[name] for r in rows]) for name in [*labels, "total"]}
     os.makedirs(out_dir, exist_ok=True)
     save_config(job, os.path.join(out_dir, "config.yaml"))
