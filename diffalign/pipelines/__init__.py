@@ -120,10 +120,10 @@ def wrap_pipeline(pipe, max_sequence_length: int | None = None) -> FlowModel:
 __all__ = [
     "FAMILIES",
     "FlowModel",
-    "SizeLimits",
     "FluxFlowModel",
     "Flux2FlowModel",
     "SD3FlowModel",
+    "SizeLimits",
     "check_images",
     "check_pretrained",
     "get_family",

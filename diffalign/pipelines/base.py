@@ -22,6 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
@@ -332,7 +333,7 @@ class FlowModel(ABC):
             transformer_lora_adapter_metadata=metadata,
             safe_serialization=True,
         )
-        respect_umask(directory)
+        respect_umask(os.path.join(directory, LORA_WEIGHT_NAME_SAFE))
 
     def load_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
         """Load a LoRA saved in diffusers' format (by ``save_lora`` or any diffusers trainer) and activate it."""
