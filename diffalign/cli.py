@@ -8,7 +8,8 @@ toward a reward), ``eval`` (the embedded world's held-out benchmark), ``pretrain
 This module imports only the standard library at start-up: a command's modules (torch, diffusers...) are imported
 when that command runs, so ``diffalign --help`` and ``diffalign COMMAND --help`` answer at once. Before a command
 loads any model it checks what can be checked without one (the output folder, the device, that the model folder
-holds the configured family and can produce the sampling size), so a bad value fails in a second, naming its key.
+holds the configured family and can produce the sampling size), so a bad value fails before any weights load,
+naming its key.
 """
 
 from __future__ import annotations
