@@ -4,46 +4,77 @@ Commands: ``train`` (RL fine-tuning), ``sample`` (prompts -> images + grid), ``s
 toward a reward), ``eval`` (the embedded world's held-out benchmark), ``pretrain`` (build a world base model),
 ``score`` and ``train-reward`` (rewards),
 ``show-config`` (print the resolved config), ``tiny`` (save a tiny random-weight pipeline of a family).
+
+This module imports only the standard library at start-up: a command's modules (torch, diffusers...) are imported
+when that command runs, so ``diffalign --help`` and ``diffalign COMMAND --help`` answer at once. Before a command
+loads any model it checks what can be checked without one (the output folder, the device, that the model folder
+holds the configured family and can produce the sampling size), so a bad value fails before any weights load,
+naming its key.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
+from typing import Any
 
-from diffalign.config import (
-    ConfigError,
-    SampleJob,
-    load_config,
-    read_kind,
-    read_prompt_file,
-    resolve_device,
-    save_config,
-    to_yaml,
-)
-from diffalign.rewards.base import RewardError
-from diffalign.training.checkpoint import CheckpointError
+log = logging.getLogger("diffalign")
 
-JOBS: dict[str, type] = {"sample": SampleJob}
-# errors that mean bad input or a failed run, reported as one line (exit code 2) instead of a traceback
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, TypeError, RewardError, CheckpointError, FloatingPointError)
+# kind -> "module:Class" of its job schema (``train`` jobs are looked up by algorithm in diffalign.algorithms)
+JOBS: dict[str, str] = {
+    "sample": "diffalign.config:SampleJob",
+    "pretrain": "diffalign.world.pretrain:PretrainJob",
+    "eval": "diffalign.world.jobs:EvalJob",
+    "steer": "diffalign.steering.jobs:SteerJob",
+    "score": "diffalign.rewards.scoring:ScoreJob",
+    "train-reward": "diffalign.rewards.training:TrainRewardJob",
+}
+
+# The project's own errors (bad input, or a run stopped on purpose, e.g. on a NaN loss): reported as one line with
+# exit code 2. Any other exception is a bug, or an input nothing checks yet, and keeps its traceback. Given as
+# module -> class names and looked up in sys.modules: an exception cannot be an instance of a class whose module
+# was never imported, and importing them here would load torch for ``--help``.
+USER_ERRORS: dict[str, tuple[str, ...]] = {
+    "builtins": ("FileNotFoundError", "FloatingPointError"),
+    "diffalign.config": ("ConfigError",),
+    "diffalign.rewards.base": ("RewardError",),
+    "diffalign.rewards.data": ("DataError",),
+    "diffalign.rewards.hub": ("CheckpointError",),
+    "diffalign.training.checkpoint": ("CheckpointError",),
+    "diffalign.steering.base": ("BudgetError",),
+}
 
 
-def _register_jobs() -> None:
-    from diffalign.rewards.commands import JOBS as REWARD_JOBS
-    from diffalign.steering.jobs import SteerJob
-    from diffalign.world.jobs import EvalJob
-    from diffalign.world.pretrain import PretrainJob
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is one of :data:`USER_ERRORS` (reported as one line, not a traceback)."""
+    for module_name, names in USER_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, tuple(getattr(module, n) for n in names)):
+            return True
+    return False
 
-    JOBS.update({"pretrain": PretrainJob, "eval": EvalJob, "steer": SteerJob, **REWARD_JOBS})
+
+def _import(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def job_schema(kind: str) -> type:
+    """The job dataclass of a (non-train) ``kind``."""
+    from diffalign.config import ConfigError
+
+    if kind not in JOBS:
+        raise ConfigError(f"unknown kind {kind!r}; expected one of {sorted([*JOBS, 'train'])}")
+    return _import(JOBS[kind])
 
 
 def _train_job_class(path: str) -> tuple[type, type]:
     from diffalign.algorithms import ALGORITHMS
-    from diffalign.config import _read_yaml
+    from diffalign.config import ConfigError, _read_yaml
 
     name = _read_yaml(path).get("algorithm", "flow_grpo")
     if name not in ALGORITHMS:
@@ -51,23 +82,44 @@ def _train_job_class(path: str) -> tuple[type, type]:
     return ALGORITHMS[name]
 
 
-log = logging.getLogger("diffalign")
+def _load_job(kind: str, path: str, overrides: list[str]) -> Any:
+    from diffalign.config import ConfigError, load_config, read_kind
 
-
-def _load_job(kind: str, path: str, overrides: list[str]):
     found = read_kind(path)
     if found != kind:
         raise ConfigError(f"{path} is a '{found}' config; 'diffalign {kind}' needs kind: {kind}")
-    return load_config(JOBS[kind], path, overrides)
+    if kind == "train":
+        return load_config(_train_job_class(path)[0], path, overrides)
+    return load_config(job_schema(kind), path, overrides)
 
 
+def preflight(job: Any, out: str, out_name: str) -> None:
+    """Everything that can be checked before a model loads: the output folder can be written, the devices exist
+    here, and ``job.model`` (if any) is a pipeline of its family that can produce ``job.sampling``'s size."""
+    from diffalign.config import ModelConfig, check_output_dir, resolve_device
+
+    check_output_dir(out, out_name)
+    if isinstance(getattr(job, "device", None), str):
+        resolve_device(job.device, "device")
+    model = getattr(job, "model", None)
+    if isinstance(model, ModelConfig):
+        from diffalign.pipelines import check_pretrained
+
+        resolve_device(model.device, "model.device")
+        sampling = getattr(job, "sampling", None)
+        check_pretrained(model.family, model.path, getattr(sampling, "height", None), getattr(sampling, "width", None))
+
+
+# ----------------------------------------------------------------------------------------------------- commands
 def cmd_sample(args: argparse.Namespace) -> None:
-    from diffalign.images import save_grid, save_images
+    from diffalign.config import read_prompt_file, resolve_device, save_config
+    from diffalign.images import remove_stale_images, save_grid, save_images
     from diffalign.pipelines import load_flow_model
     from diffalign.sampling.generate import generate
 
-    job: SampleJob = _load_job("sample", args.config, args.overrides)
+    job = _load_job("sample", args.config, args.overrides)
     prompts = read_prompt_file(args.prompts)
+    preflight(job, args.out, "--out")
     flow = load_flow_model(
         job.model.family,
         job.model.path,
@@ -82,6 +134,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     save_config(job, os.path.join(args.out, "config.yaml"))
     images = generate(flow, expanded, job.sampling, seed=job.seed, batch_size=job.batch_size)
     paths = save_images(images, args.out)
+    remove_stale_images(args.out, len(paths))
     with open(os.path.join(args.out, "index.jsonl"), "w") as f:
         for i, (path, prompt) in enumerate(zip(paths, expanded, strict=True)):
             row = {"file": os.path.basename(path), "prompt": prompt, "seed": job.seed, "index": i}
@@ -90,51 +143,73 @@ def cmd_sample(args: argparse.Namespace) -> None:
     log.info("wrote %d images and grid.png to %s", len(paths), args.out)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from diffalign.training.loop import run_training
+
+    job = _load_job("train", args.config, args.overrides)
+    preflight(job, job.output_dir, "config key 'output_dir'")
+    args.resume_dir = job.output_dir
+    run_training(job, _train_job_class(args.config)[1])
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from diffalign.world.pretrain import pretrain
 
-    pretrain(_load_job("pretrain", args.config, args.overrides))
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from diffalign.config import load_config
-    from diffalign.training.loop import run_training
-
-    found = read_kind(args.config)
-    if found != "train":
-        raise ConfigError(f"{args.config} is a '{found}' config; 'diffalign train' needs kind: train")
-    job_cls, trainer_cls = _train_job_class(args.config)
-    run_training(load_config(job_cls, args.config, args.overrides), trainer_cls)
+    job = _load_job("pretrain", args.config, args.overrides)
+    preflight(job, job.output_dir, "config key 'output_dir'")
+    args.resume_dir = job.output_dir
+    pretrain(job)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from diffalign.world.jobs import run_eval
 
-    run_eval(_load_job("eval", args.config, args.overrides), out=args.out)
+    job = _load_job("eval", args.config, args.overrides)
+    preflight(job, args.out or job.out_dir, "--out" if args.out else "config key 'out_dir'")
+    run_eval(job, out=args.out)
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
+    from diffalign.config import read_prompt_file
     from diffalign.steering.jobs import run_steer
 
     job = _load_job("steer", args.config, args.overrides)
-    run_steer(job, read_prompt_file(args.prompts), args.out)
+    prompts = read_prompt_file(args.prompts)
+    preflight(job, args.out, "--out")
+    run_steer(job, prompts, args.out)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from diffalign.rewards.scoring import run_score
+
+    job = _load_job("score", args.config, args.overrides)
+    preflight(job, args.out, "--out")
+    run_score(job, args.images, args.prompts, args.out)
+
+
+def cmd_train_reward(args: argparse.Namespace) -> None:
+    from diffalign.rewards.training import train_reward
+
+    job = _load_job("train-reward", args.config, args.overrides)
+    preflight(job, job.output_dir, "config key 'output_dir'")
+    train_reward(job)
 
 
 def cmd_show_config(args: argparse.Namespace) -> None:
-    kind = read_kind(args.config)
-    if kind == "train":
-        sys.stdout.write(to_yaml(load_config(_train_job_class(args.config)[0], args.config, args.overrides)))
-        return
-    if kind not in JOBS:
-        raise ConfigError(f"{args.config}: unknown kind {kind!r}; expected one of {sorted(JOBS)}")
-    sys.stdout.write(to_yaml(load_config(JOBS[kind], args.config, args.overrides)))
+    from diffalign.config import read_kind, to_yaml
+
+    sys.stdout.write(to_yaml(_load_job(read_kind(args.config), args.config, args.overrides)))
 
 
 def cmd_tiny(args: argparse.Namespace) -> None:
+    from diffalign.config import check_output_dir
+    from diffalign.files import respect_umask
     from diffalign.pipelines.tiny import build_tiny
 
+    check_output_dir(args.out, "the output folder")
     pipe = build_tiny(args.family, seed=args.seed)
     pipe.save_pretrained(args.out)
+    respect_umask(args.out)
     log.info("saved a tiny random-weight %s pipeline to %s", args.family, args.out)
 
 
@@ -151,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a model with an RL algorithm (kind: train)")
     p.add_argument("config", help="YAML config with kind: train and an algorithm (flow_grpo)")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=20 output_dir=runs/x")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="pretrain a world base model (codec + flow matching)")
@@ -172,9 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=best_of_n budget=400")
     p.set_defaults(func=cmd_steer)
 
-    from diffalign.rewards.commands import add_commands as add_reward_commands
+    p = sub.add_parser("score", help="score a folder of images with rewards (table, CSV, JSON)")
+    p.add_argument("config", help="YAML config with kind: score")
+    p.add_argument("--images", required=True, help="folder of images (png/jpg/webp/bmp)")
+    p.add_argument("--prompts", default=None,
+                   help="text file with one prompt per image (sorted filename order) or an index.jsonl "
+                        "(default: DIR/index.jsonl as written by 'diffalign sample')")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder (scores.csv, scores.json, config.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=8 rewards.1.weight=0")
+    p.set_defaults(func=cmd_score)
 
-    add_reward_commands(sub)
+    p = sub.add_parser("train-reward", help="train a preference, artifact or multi-aspect reward model")
+    p.add_argument("config", help="YAML config with kind: train-reward")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 output_dir=runs/x")
+    p.set_defaults(func=cmd_train_reward)
 
     p = sub.add_parser("show-config", help="print the resolved config")
     p.add_argument("config")
@@ -189,9 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What running the same command again does, for a command that resumes from its run folder's checkpoints."""
+    run_dir = getattr(args, "resume_dir", None)
+    if run_dir is None:
+        return ""
+    from diffalign.training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if latest is None:
+        return (" before the first checkpoint (one is saved every train.checkpoint_every); the same command starts "
+                "the run over")  # fmt: skip
+    return f"; the same command resumes from the newest checkpoint, {latest}"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _register_jobs()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
@@ -203,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
-    except USER_ERRORS as e:
+    except KeyboardInterrupt:
+        print(f"diffalign {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)  # noqa: T201
+        return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
         print(f"diffalign {args.command}: error: {e}", file=sys.stderr)  # noqa: T201
         return 2
     return 0

@@ -4,17 +4,22 @@ This is the only module that imports OmegaConf. ``load_config(Schema, path, over
 dataclass instance; an unknown key, a wrong type, a value outside a ``Literal`` or a missing mandatory value is a
 ``ConfigError`` naming the key, raised before any work starts. Every job file has a top-level ``kind`` that
 says which schema it is an instance of.
+
+Overrides address list entries by index (``rewards.1.args.path=...``); a whole list is replaced with YAML
+(``'rewards=[{name: world}]'``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -47,25 +52,42 @@ def read_kind(path: str | os.PathLike) -> str:
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """Non-empty, stripped lines of a text file; ``FileNotFoundError`` / ``ValueError`` when missing or empty."""
+    """Non-empty, stripped lines of a text file; ``FileNotFoundError`` / ``ConfigError`` when missing or empty."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
     with open(path) as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path!r} has no prompts")
+        raise ConfigError(f"prompt file {path!r} has no prompts")
     return prompts
 
 
-def _parse_overrides(overrides: list[str]) -> Any:
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. sampling.num_steps=20)")
+def _apply_override(config: Any, item: str) -> None:
+    """Set one ``key=value`` on the merged config; list entries are addressed by index (``rewards.1.weight``)."""
+    key, sep, raw = item.partition("=")
+    key = re.sub(r"\[(\w+)\]", r".\1", key.strip())  # rewards[1].weight -> rewards.1.weight
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. sampling.num_steps=20)")
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        parent = ".".join(parts[:depth])
+        node = OmegaConf.select(config, parent, default=None)
+        if not isinstance(node, ListConfig):
+            continue
+        here = f"{parent}.{parts[depth]}"
+        if not parts[depth].isdigit():
+            raise ConfigError(f"config key '{here}': {parent!r} is a list; address an entry by its index "
+                              f"(e.g. {parent}.0)")  # fmt: skip
+        if int(parts[depth]) >= len(node):
+            raise ConfigError(f"config key '{here}': {parent!r} has {len(node)} entries (indices 0 to "
+                              f"{len(node) - 1}); to add or remove entries give the whole list, e.g. "
+                              f"'{parent}=[...]'")  # fmt: skip
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]  # YAML: numbers, booleans, null, lists, mappings
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad override: {e}") from e
+        raise ConfigError(f"override {item!r}: cannot parse the value: {str(e).splitlines()[0]}") from e
+    OmegaConf.update(config, key, value, merge=True)
 
 
 def load_config(
@@ -76,7 +98,9 @@ def load_config(
         raise TypeError(f"{schema!r} is not a dataclass")
     data = {} if source is None else (dict(source) if isinstance(source, dict) else _read_yaml(source))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data), _parse_overrides(overrides))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
+        for item in overrides:
+            _apply_override(merged, item)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
@@ -101,14 +125,54 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(name: str, key: str = "model.device") -> torch.device | None:
+    """``name`` parsed (None for ``auto``); ``ConfigError`` naming ``key`` unless it is ``auto`` or a device of one of
+    :data:`DEVICE_TYPES` (``cuda:1``...). Whether this machine has it is :func:`resolve_device`'s check."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"config key 'model.device': {e}") from e
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ConfigError(f"config key '{key}': unknown device {name!r}; expected auto, cpu, cuda, cuda:N, mps or xpu")
+    return device
+
+
+def resolve_device(name: str, key: str = "model.device") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else must be a device this machine has (``ConfigError``
+    naming ``key`` otherwise)."""
+    device = check_device(name, key)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = getattr(torch, device.type) if device.type != "mps" else torch.backends.mps
+    if device.type != "cpu" and not backend.is_available():
+        raise ConfigError(f"config key '{key}': {name!r} is not available on this machine (use auto or cpu)")
+    if device.type in ("cuda", "xpu") and device.index is not None and device.index >= backend.device_count():
+        raise ConfigError(f"config key '{key}': {name!r} asked for, but this machine has {backend.device_count()} "
+                          f"{device.type} device(s)")  # fmt: skip
+    return device
+
+
+def check_output_dir(path: str | os.PathLike, name: str) -> None:
+    """Raise ``ConfigError`` (starting with ``name``, e.g. ``config key 'output_dir'``) unless ``path`` is a writable
+    folder or can be created as one. Creates nothing."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{name}: {path!r} exists and is not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{name}: cannot create {path!r}, because {existing!r} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot write in {existing!r} ({e.strerror}); choose another folder") from e
 
 
 # ---------------------------------------------------------------------------------------------- shared sections
@@ -131,6 +195,9 @@ class ModelConfig:
     device: str = "auto"
     lora: str | None = None
     max_sequence_length: int | None = None
+
+    def __post_init__(self) -> None:
+        check_device(self.device, "model.device")
 
 
 @dataclass(kw_only=True)

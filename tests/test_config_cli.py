@@ -1,14 +1,21 @@
 """Configs (schema, YAML, overrides, errors naming the key) and the command line."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from diffalign.cli import main
-from diffalign.config import ConfigError, SampleJob, load_config
+from diffalign.config import ConfigError, SampleJob, check_output_dir, load_config, resolve_device
 from diffalign.pipelines.tiny import build_tiny
+from diffalign.training.checkpoint import CheckpointError, save_checkpoint
+
+WORLD_TRAIN = os.path.join(os.path.dirname(__file__), "..", "configs", "world", "flow_grpo.yaml")
 
 
 def _write(tmp_path, data, name="job.yaml"):
@@ -36,6 +43,7 @@ def test_yaml_and_overrides_resolve_to_typed_dataclass(tmp_path):
         ({"model": {}}, [], "model.path"),
         ({"model": {"path": "x"}}, ["sampling.num_steps=0"], "sampling.num_steps"),
         ({"model": {"path": "x"}}, ["batch_size"], "key=value"),
+        ({"model": {"path": "x"}}, ["model.device=tpu"], "model.device"),
     ],
 )
 def test_bad_configs_fail_naming_the_key(tmp_path, data, overrides, message):
@@ -80,6 +88,11 @@ def test_cli_sample_writes_images_grid_index_and_config(tmp_path, tiny_model_dir
     assert main(["sample", str(config), "--prompts", str(prompts), "--out", str(out2), "seed=7", "batch_size=1"]) == 0
     for name in ("00000.png", "00003.png"):
         assert Image.open(out / name).tobytes() == Image.open(out2 / name).tobytes()
+    # the folder reused for fewer prompts: the images of the earlier run beyond the new ones are removed
+    prompts.write_text("a red circle\n")
+    assert main(["sample", str(config), "--prompts", str(prompts), "--out", str(out), "seed=7"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
+    assert len((out / "index.jsonl").read_text().splitlines()) == 2
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_model_dir, capsys):
@@ -111,3 +124,108 @@ def test_show_config_prints_resolved_yaml(tmp_path, capsys):
     assert main(["show-config", str(config), "sampling.num_steps=5"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["sampling"]["num_steps"] == 5 and printed["model"]["family"] == "sd3"
+
+
+def test_devices_are_checked_before_use():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'model.device': unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'model.device': 'cuda' is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="'device'"):
+        resolve_device(f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}", "device")
+
+
+def test_output_folder_checks(tmp_path):
+    check_output_dir(tmp_path / "new" / "deeper", "config key 'output_dir'")  # creatable: fine, and not created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="'output_dir'.* exists and is not a folder"):
+        check_output_dir(tmp_path / "file", "config key 'output_dir'")
+    with pytest.raises(ConfigError, match="--out: cannot create .* is a file"):
+        check_output_dir(tmp_path / "file" / "run", "--out")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user")
+def test_read_only_output_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match="'output_dir'.*cannot write"):
+            check_output_dir(folder / "run", "config key 'output_dir'")
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """``run_training`` replaced by a recorder (what it is called with; what it raises, if set)."""
+    calls = {"jobs": [], "raise": None}
+
+    def fake_run_training(job, trainer_cls):
+        calls["jobs"].append(job)
+        if calls["raise"] is not None:
+            raise calls["raise"]
+        return {}
+
+    monkeypatch.setattr("diffalign.training.loop.run_training", fake_run_training)
+    return calls
+
+
+def test_train_fails_on_bad_values_before_any_model_loads(tmp_path, train_calls, capsys):
+    (tmp_path / "file").write_text("")
+    run = ["train", WORLD_TRAIN, f"output_dir={tmp_path / 'run'}"]
+    cases = [
+        ([f"output_dir={tmp_path / 'file'}"], "config key 'output_dir'"),
+        ([f"output_dir={tmp_path / 'file' / 'run'}"], "config key 'output_dir'"),
+        (["model.device=tpu"], "config key 'model.device'"),
+        (["sampling.height=512", "sampling.width=512"], "at most 128 pixels"),  # the world model is 64 px
+        (["sampling.height=60"], "multiples of 8"),
+        (["model.family=flux"], "config key 'model.family'"),
+    ]
+    for overrides, message in cases:
+        assert main(run + overrides) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert train_calls["jobs"] == [] and not (tmp_path / "run").exists()
+    assert main(run) == 0 and len(train_calls["jobs"]) == 1  # the same command with good values gets to training
+
+
+def test_ctrl_c_prints_the_resume_hint_and_exits_130(tmp_path, train_calls, capsys):
+    train_calls["raise"] = KeyboardInterrupt()
+    run = ["train", WORLD_TRAIN, f"output_dir={tmp_path / 'run'}"]
+    assert main(run) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted before the first checkpoint" in err and "starts" in err
+    save_checkpoint(tmp_path / "run" / "checkpoints", 10, {"trained": {"w": torch.zeros(1)}})
+    assert main(run) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err
+    newest = tmp_path / "run" / "checkpoints" / "step-000010"
+    assert f"the same command resumes from the newest checkpoint, {newest}" in err
+
+
+def test_only_the_projects_own_errors_become_one_line(tmp_path, train_calls, capsys):
+    run = ["train", WORLD_TRAIN, f"output_dir={tmp_path / 'run'}"]
+    for error in (FloatingPointError("loss is not finite at epoch 3"), CheckpointError("step-1 is corrupt")):
+        train_calls["raise"] = error
+        assert main(run) == 2
+        assert capsys.readouterr().err.strip() == f"diffalign train: error: {error}"
+    for error in (ValueError("a bug"), TypeError("another bug"), KeyError("x")):  # programming errors keep tracebacks
+        train_calls["raise"] = error
+        with pytest.raises(type(error)):
+            main(run)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["score", "--help"], ["sample", "--help"]])
+def test_help_imports_nothing_heavy(argv):
+    """``diffalign --help`` must answer at once: no torch, diffusers, ... (each command imports its own modules)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffalign", *argv], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "usage: diffalign" in done.stdout
+    imported = {line.rpartition("|")[2].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+    assert "diffalign" in imported
+    assert not imported & {"torch", "diffusers", "transformers", "accelerate", "numpy", "PIL", "omegaconf", "yaml"}

@@ -1,10 +1,13 @@
 """Contract tests: each adapter against the stock diffusers pipeline and transformer of its family."""
 
+import os
+
 import pytest
 import torch
 from diffusers import FluxPipeline
 
-from diffalign.pipelines import FluxFlowModel, load_flow_model, wrap_pipeline
+from diffalign.config import ConfigError
+from diffalign.pipelines import FluxFlowModel, check_pretrained, load_flow_model, wrap_pipeline
 from diffalign.pipelines.tiny import build_tiny, tiny_flux
 from diffalign.sampling import sample
 
@@ -172,7 +175,9 @@ def test_lora_roundtrip_in_diffusers_format(tmp_path, family):
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     flow.save_lora(tmp_path / "lora")
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+    weights = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    (tmp_path / "plain.txt").write_text("")  # safetensors writes 0600: the LoRA gets an ordinary file's mode
+    assert os.stat(weights).st_mode & 0o777 == os.stat(tmp_path / "plain.txt").st_mode & 0o777
     cond = flow.encode_prompt(PROMPTS)
     x = torch.randn(2, *flow.latent_shape(32, 32))
     with torch.no_grad():
@@ -209,3 +214,31 @@ def test_wrong_family_and_unknown_family(tmp_path):
         load_flow_model("sd3", tmp_path / "flux")
     with pytest.raises(ValueError, match="unknown model family 'sdxl'"):
         load_flow_model("sdxl", tmp_path / "flux")
+
+
+def test_size_check_reads_the_configs_and_matches_what_the_transformer_accepts(tmp_path, family):
+    """``check_pretrained`` (configs only, before any weights load) accepts exactly the sizes the model can produce."""
+    flow = _flow(family)
+    flow.pipe.save_pretrained(tmp_path / "m")
+    check_pretrained(family, tmp_path / "m", 32, 32)
+    limits = flow.size_limits(flow.transformer.config, flow.pipe.vae.config)
+    assert limits.multiple == flow.size_multiple
+    with pytest.raises(ConfigError, match=rf"'sampling\.height'/'sampling\.width'.*multiples of {limits.multiple}"):
+        check_pretrained(family, tmp_path / "m", 32, 32 + limits.multiple // 2)
+    other = {"sd3": "flux", "flux": "sd3", "flux2": "sd3"}[family]
+    with pytest.raises(ConfigError, match="'model.family'"):
+        check_pretrained(other, tmp_path / "m", 32, 32)
+    if family != "sd3":
+        assert limits.largest is None  # rotary position embeddings: no largest size
+        return
+    largest, too_big = limits.largest, limits.largest + limits.multiple
+    check_pretrained(family, tmp_path / "m", largest, largest)
+    with pytest.raises(ConfigError, match=f"at most {largest} pixels"):
+        check_pretrained(family, tmp_path / "m", too_big, largest)
+    with pytest.raises(ValueError, match=f"at most {largest} pixels"):
+        flow.latent_shape(too_big, largest)
+    cond = flow.encode_prompt(PROMPTS[:1])
+    assert flow.velocity(torch.randn(1, *flow.latent_shape(largest, largest)), 0.5, cond).isfinite().all()
+    c, h, w = flow.latent_shape(largest, largest)
+    with pytest.raises(ValueError, match="cannot be greater than"):  # diffusers' own limit, one patch row further
+        flow.velocity(torch.randn(1, c, h + limits.multiple // flow.spatial_factor, w), 0.5, cond)

@@ -3,11 +3,14 @@ and VAE normalisation. ``FAMILIES`` is the registry (family name -> adapter clas
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import torch
 
-from diffalign.pipelines.base import FlowModel, check_images, resolve_dtype
+from diffalign.config import ConfigError
+from diffalign.pipelines.base import FlowModel, SizeLimits, check_images, local_folder, resolve_dtype, size_problem
 from diffalign.pipelines.flux import FluxFlowModel
 from diffalign.pipelines.flux2 import Flux2FlowModel
 from diffalign.pipelines.sd3 import SD3FlowModel
@@ -59,6 +62,53 @@ def load_flow_model(
     return flow
 
 
+def _component_config(path: str, name: str) -> dict[str, Any] | None:
+    """The JSON file ``name`` of the pipeline at ``path`` (a local folder, or a hub id whose files are in the local
+    cache), or None when it is not available without a download."""
+    folder = local_folder(path)
+    if folder is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        file = try_to_load_from_cache(path, name)
+        file = file if isinstance(file, str) else None
+    else:
+        file = os.path.join(folder, name)
+    if file is None or not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+def check_pretrained(
+    family: str, path: str | os.PathLike, height: int | None = None, width: int | None = None
+) -> None:
+    """Check from its config files alone (no weights are read) that ``path`` holds a pipeline of ``family`` and,
+    given a size, that it can produce ``height x width`` images.
+
+    Raises ``ConfigError`` naming ``model.family`` or ``sampling.height``/``sampling.width``, and
+    ``FileNotFoundError`` for a missing local path. A hub id whose configs are not in the local cache is not
+    checked here (loading it fetches and checks them).
+    """
+    cls = get_family(family)
+    folder = resolve_model_path(path)
+    index = _component_config(folder, "model_index.json")
+    if index is None:
+        return
+    expected = [c.__name__ for c in cls.pipeline_classes]
+    if index.get("_class_name") not in expected:
+        raise ConfigError(f"config key 'model.family': the {family!r} family needs a {' or '.join(expected)}, "
+                          f"but {os.fspath(path)!r} holds a {index.get('_class_name')}")  # fmt: skip
+    if height is None or width is None:
+        return
+    transformer = _component_config(folder, "transformer/config.json")
+    vae = _component_config(folder, "vae/config.json")
+    if transformer is None or vae is None:
+        return
+    problem = size_problem(cls.size_limits(transformer, vae), height, width)
+    if problem:
+        raise ConfigError(f"config keys 'sampling.height'/'sampling.width': the model {os.fspath(path)!r}: {problem}")
+
+
 def wrap_pipeline(pipe, max_sequence_length: int | None = None) -> FlowModel:
     """Wrap an already-built diffusers pipeline with the adapter of its family."""
     for cls in FAMILIES.values():
@@ -73,7 +123,9 @@ __all__ = [
     "FluxFlowModel",
     "Flux2FlowModel",
     "SD3FlowModel",
+    "SizeLimits",
     "check_images",
+    "check_pretrained",
     "get_family",
     "load_flow_model",
     "resolve_model_path",

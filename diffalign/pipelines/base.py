@@ -17,15 +17,17 @@ from __future__ import annotations
 import copy
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 
+from diffalign.files import respect_umask
 from diffalign.types import Cond
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +50,43 @@ def batch_times(t: Tensor | float, batch: int, device: torch.device) -> Tensor:
     if t.shape != (batch,):
         raise ValueError(f"time has shape {tuple(t.shape)}, expected () or ({batch},)")
     return t
+
+
+def local_folder(path: str | os.PathLike) -> str | None:
+    """The local pipeline folder ``path`` names, or None for a hub id (``org/name`` that is not a local path).
+
+    Raises ``FileNotFoundError`` for a local path that does not exist or holds no ``model_index.json``.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    if len(path.split("/")) == 2 and not path.startswith((".", "/")) and not os.path.exists(path):
+        return None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (nor is it a hub id 'org/name')")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def vae_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per VAE latent cell along each side, derived from the VAE config as diffusers' pipelines do."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+class SizeLimits(NamedTuple):
+    """Image sizes a checkpoint can produce, in pixels.
+
+    Attributes:
+        multiple: height and width must be multiples of this (VAE factor times patch/packing size).
+        largest: the largest height or width (a learned position table's extent), or None when unbounded.
+        native: the size the transformer was configured for (``sample_size`` in pixels), or None if unknown.
+        why_multiple, why_largest: how ``multiple`` and ``largest`` follow from the configs (for error messages).
+    """
+
+    multiple: int
+    largest: int | None = None
+    native: int | None = None
+    why_multiple: str = ""
+    why_largest: str = ""
 
 
 class FlowModel(ABC):
@@ -96,13 +135,7 @@ class FlowModel(ABC):
         A local path must exist and hold a ``model_index.json``; anything else is treated as a hub id (which
         fails with the hub's own message when offline).
         """
-        path = os.path.expanduser(str(path))
-        is_hub_id = len(path.split("/")) == 2 and not path.startswith((".", "/")) and not os.path.exists(path)
-        if not is_hub_id:
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"model path {path!r} does not exist (nor is it a hub id 'org/name')")
-            if not os.path.isfile(os.path.join(path, "model_index.json")):
-                raise FileNotFoundError(f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
+        path = local_folder(path) or os.fspath(path)
         pipe = DiffusionPipeline.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), max_sequence_length=max_sequence_length)
@@ -135,10 +168,15 @@ class FlowModel(ABC):
         """Pixels per latent cell along each side of the ``(B, C, H, W)`` latents this adapter exposes."""
         return self.pipe.vae_scale_factor
 
-    @property
+    @classmethod
     @abstractmethod
+    def size_limits(cls, transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> SizeLimits:
+        """The image sizes a checkpoint with these component configs can produce (read without its weights)."""
+
+    @property
     def size_multiple(self) -> int:
         """Image height and width must be multiples of this (VAE factor times patch/packing size)."""
+        return self.size_limits(self.transformer.config, self.pipe.vae.config).multiple
 
     @property
     @abstractmethod
@@ -151,13 +189,11 @@ class FlowModel(ABC):
         return bool(getattr(self.transformer.config, "guidance_embeds", False))
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """``(C, H', W')`` of the latents for an image of ``height x width`` pixels; checks divisibility."""
-        m = self.size_multiple
-        if height <= 0 or width <= 0 or height % m or width % m:
-            raise ValueError(
-                f"height and width must be positive multiples of {m} for the {self.family} family "
-                f"(VAE factor x patch size), got {height}x{width}"
-            )
+        """``(C, H', W')`` of the latents for an image of ``height x width`` pixels; checks that the checkpoint can
+        produce that size."""
+        problem = size_problem(self.size_limits(self.transformer.config, self.pipe.vae.config), height, width)
+        if problem:
+            raise ValueError(f"{self.family} model: {problem}")
         f = self.spatial_factor
         return self.latent_channels, height // f, width // f
 
@@ -297,6 +333,7 @@ class FlowModel(ABC):
             transformer_lora_adapter_metadata=metadata,
             safe_serialization=True,
         )
+        respect_umask(os.path.join(directory, LORA_WEIGHT_NAME_SAFE))
 
     def load_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
         """Load a LoRA saved in diffusers' format (by ``save_lora`` or any diffusers trainer) and activate it."""
@@ -305,6 +342,18 @@ class FlowModel(ABC):
             raise FileNotFoundError(f"LoRA path {path!r} does not exist")
         self.pipe.load_lora_weights(path, adapter_name=adapter_name)
         self.transformer.set_adapter(adapter_name)
+
+
+def size_problem(limits: SizeLimits, height: int, width: int) -> str | None:
+    """Why ``height x width`` pixels cannot be produced under ``limits`` (one sentence), or None when it can."""
+    if height <= 0 or width <= 0 or height % limits.multiple or width % limits.multiple:
+        return (f"height and width must be positive multiples of {limits.multiple} ({limits.why_multiple}), "
+                f"got {height}x{width}")  # fmt: skip
+    if limits.largest is not None and max(height, width) > limits.largest:
+        native = f"; it was built for {limits.native}x{limits.native}" if limits.native else ""
+        return (f"{height}x{width} is larger than it can produce: at most {limits.largest} pixels a side "
+                f"({limits.why_largest}){native}")  # fmt: skip
+    return None
 
 
 def check_images(images: Tensor) -> None:

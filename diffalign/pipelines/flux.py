@@ -10,7 +10,8 @@ boundary the latents are unpacked ``(B, C, H/8, W/8)``. The schedule is the reso
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor
 
-from diffalign.pipelines.base import FlowModel
+from diffalign.pipelines.base import FlowModel, SizeLimits, vae_factor
 from diffalign.types import Cond
 
 
@@ -30,9 +31,10 @@ class FluxFlowModel(FlowModel):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     default_guidance_scale = 3.5  # the distilled guidance of FLUX.1-dev
 
-    @property
-    def size_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2
+    @classmethod
+    def size_limits(cls, transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> SizeLimits:
+        factor = vae_factor(vae_config)  # rotary positions: no largest size
+        return SizeLimits(multiple=factor * 2, why_multiple=f"VAE factor {factor} x 2x2 latent packing")
 
     @property
     def latent_channels(self) -> int:

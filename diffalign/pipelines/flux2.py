@@ -10,7 +10,8 @@ resolution-and-steps dependent shift ``compute_empirical_mu(H'W', T)`` on ``lins
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import Tensor
 
-from diffalign.pipelines.base import FlowModel
+from diffalign.pipelines.base import FlowModel, SizeLimits, vae_factor
 from diffalign.types import Cond
 
 
@@ -34,9 +35,10 @@ class Flux2FlowModel(FlowModel):
     def spatial_factor(self) -> int:
         return self.pipe.vae_scale_factor * 2
 
-    @property
-    def size_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2
+    @classmethod
+    def size_limits(cls, transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> SizeLimits:
+        factor = vae_factor(vae_config)  # rotary positions: no largest size
+        return SizeLimits(multiple=factor * 2, why_multiple=f"VAE factor {factor} x 2x2 latent patchify")
 
     @property
     def latent_channels(self) -> int:

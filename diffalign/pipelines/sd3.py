@@ -8,14 +8,15 @@ SD3.5) of the uniform grid, computed by the checkpoint's ``FlowMatchEulerDiscret
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from torch import Tensor
 
-from diffalign.pipelines.base import FlowModel
+from diffalign.pipelines.base import FlowModel, SizeLimits, vae_factor
 from diffalign.types import Cond
 
 
@@ -30,9 +31,18 @@ class SD3FlowModel(FlowModel):
     )  # fmt: skip
     default_guidance_scale = 4.5
 
-    @property
-    def size_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * self.transformer.config.patch_size
+    @classmethod
+    def size_limits(cls, transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> SizeLimits:
+        # the transformer crops its learned position table (pos_embed_max_size patches a side) to the latent size
+        factor, patch = vae_factor(vae_config), transformer_config["patch_size"]
+        table, sample = transformer_config.get("pos_embed_max_size"), transformer_config.get("sample_size")
+        return SizeLimits(
+            multiple=factor * patch,
+            largest=table * patch * factor if table else None,
+            native=sample * factor if sample else None,
+            why_multiple=f"VAE factor {factor} x patch size {patch}",
+            why_largest=f"position table of {table} patches x patch size {patch} x VAE factor {factor}",
+        )
 
     @property
     def latent_channels(self) -> int:

@@ -85,7 +85,7 @@ def build_reward_set(configs: list[RewardConfig], key: str = "rewards") -> Rewar
             raise ConfigError(f"config key '{key}[{i}].name': {e}") from e
         try:
             rewards[label] = cls(**cfg.args)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:  # unknown or bad constructor arguments
             raise ConfigError(f"config key '{key}[{i}].args': {e}") from e
         weights[label] = cfg.weight
     return RewardSet(rewards, weights)

@@ -44,6 +44,12 @@ from diffalign.world.render import render, sample_scene
 from diffalign.world.scene import COLOR_NAMES, MAX_COUNT, SHAPES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """A data file or folder that cannot be used (unreadable, malformed, empty, too small); the message names it."""
+
+
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
@@ -324,7 +330,7 @@ def _load_image(path: str, size: int) -> Tensor:
                 im = im.resize((size, size), Image.BICUBIC)
             array = np.asarray(im, dtype=np.uint8)
     except OSError as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from e
+        raise DataError(f"cannot read image {path!r}: {e}") from e
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
@@ -339,12 +345,12 @@ def _read_jsonl(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
+                raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object")
             rows.append(row)
     if not rows:
-        raise ValueError(f"data file {path!r} is empty")
+        raise DataError(f"data file {path!r} is empty")
     return rows
 
 
@@ -358,7 +364,7 @@ def load_data(path: str, size: int, aspects: Sequence[str] = ()) -> PairData | L
 
     def image(row: dict, key: str, lineno: int) -> Tensor:
         if key not in row:
-            raise ValueError(f"{path}: row {lineno} has no {key!r}")
+            raise DataError(f"{path}: row {lineno} has no {key!r}")
         return _load_image(os.path.join(root, str(row[key])), size)
 
     first = rows[0]
@@ -369,7 +375,7 @@ def load_data(path: str, size: int, aspects: Sequence[str] = ()) -> PairData | L
                         [str(r.get("kind", "pair")) for r in rows])  # fmt: skip
     names = [k for k in ("rating", "artifact", *aspects) if any(k in r for r in rows)]
     if not names:
-        raise ValueError(f"{path}: rows need 'chosen'/'rejected', 'rating', 'artifact' or aspect keys {list(aspects)}")
+        raise DataError(f"{path}: rows need 'chosen'/'rejected', 'rating', 'artifact' or aspect keys {list(aspects)}")
     images = torch.stack([image(r, "image", i + 1) for i, r in enumerate(rows)])
     targets = {}
     for name in names:
@@ -389,7 +395,7 @@ def _load_artifact_folder(path: str, size: int) -> LabeledData:
         images += [_load_image(os.path.join(folder, f), size) for f in files]
         labels += [label] * len(files)
     if not images:
-        raise ValueError(f"artifact data folder {path!r} holds no images")
+        raise DataError(f"artifact data folder {path!r} holds no images")
     kinds = ["artifact" if v else "clean" for v in labels]
     return LabeledData([""] * len(images), torch.stack(images), {"artifact": torch.tensor(labels)}, kinds)
 
@@ -426,7 +432,7 @@ def split_data(data: PairData | LabeledData, fraction: float, seed: int) -> tupl
     n = len(data)
     k = int(round(n * fraction))
     if not 0 < k < n:
-        raise ValueError(f"cannot hold out {fraction} of {n} examples")
+        raise DataError(f"cannot hold out {fraction} of {n} examples")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return subset(data, order[k:]), subset(data, order[:k])
 

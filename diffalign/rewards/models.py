@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffalign.files import respect_umask
 from diffalign.pipelines.base import check_images, resolve_dtype
 from diffalign.rewards.base import Reward, RewardError
 from diffalign.rewards.hub import CheckpointError, is_hub_id, load_state_dict, load_strict
@@ -151,6 +152,7 @@ class RewardModel(nn.Module, metaclass=ABCMeta):
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
+        respect_umask(tmp)
         if os.path.exists(directory):
             shutil.rmtree(directory)
         os.replace(tmp, directory)

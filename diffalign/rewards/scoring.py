@@ -4,7 +4,8 @@ Prompts come from a text file (one per image, in sorted filename order) or from 
 ``diffalign sample`` (rows ``{"file": ..., "prompt": ...}``; used automatically when the folder has one). The
 command prints a table (per reward: count, mean, std, min, max over the images it applies to) and writes
 ``scores.csv`` and ``scores.json`` (one row per image: file, prompt, every reward's raw score and the weighted
-total) plus the resolved ``config.yaml``.
+total) plus the resolved ``config.yaml``. An image that cannot be read is skipped with a warning naming it; the
+skipped files are listed at the end and in ``scores.json``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from diffalign.config import ConfigError, save_config
+from diffalign.config import ConfigError, check_device, resolve_device, save_config
 from diffalign.images import from_pil
 from diffalign.rewards import RewardConfig, build_reward_set
-from diffalign.rewards.data import IMAGE_EXTENSIONS, _read_jsonl
+from diffalign.rewards.data import IMAGE_EXTENSIONS, DataError, _read_jsonl
 
 log = logging.getLogger("diffalign.score")
 
@@ -49,6 +50,7 @@ class ScoreJob:
             raise ConfigError("config key 'rewards': list at least one reward (e.g. - name: jpeg_compressibility)")
         if self.batch_size < 1:
             raise ConfigError(f"config key 'batch_size': must be >= 1, got {self.batch_size}")
+        check_device(self.device, "device")
 
 
 def list_images(directory: str) -> list[str]:
@@ -57,7 +59,7 @@ def list_images(directory: str) -> list[str]:
         raise FileNotFoundError(f"image folder {directory!r} does not exist")
     files = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise ValueError(f"image folder {directory!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"image folder {directory!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -66,15 +68,17 @@ def read_index(path: str) -> list[tuple[str, str]]:
     rows = []
     for lineno, row in enumerate(_read_jsonl(path), 1):
         if "file" not in row or "prompt" not in row:
-            raise ValueError(f"{path}: row {lineno} needs 'file' and 'prompt'")
+            raise DataError(f"{path}: row {lineno} needs 'file' and 'prompt'")
         rows.append((str(row["file"]), str(row["prompt"])))
     if not rows:
-        raise ValueError(f"prompt index {path!r} is empty")
+        raise DataError(f"prompt index {path!r} is empty")
     return rows
 
 
 def pair_images_with_prompts(images_dir: str, prompts: str | None) -> list[tuple[str, str]]:
     """``(image path, prompt)`` for every image to score (see the module docstring)."""
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"image folder {images_dir!r} does not exist")
     if prompts is None:
         index = os.path.join(images_dir, "index.jsonl")
         if not os.path.isfile(index):
@@ -97,17 +101,18 @@ def pair_images_with_prompts(images_dir: str, prompts: str | None) -> list[tuple
     with open(prompts) as f:
         lines = [line.strip() for line in f if line.strip()]
     if len(lines) != len(files):
-        raise ValueError(f"{prompts} has {len(lines)} prompts but {images_dir!r} holds {len(files)} images; "
+        raise DataError(f"{prompts} has {len(lines)} prompts but {images_dir!r} holds {len(files)} images; "
                          "give one prompt per image, in sorted filename order")  # fmt: skip
     return [(os.path.join(images_dir, f), p) for f, p in zip(files, lines, strict=True)]
 
 
 def _load(path: str) -> torch.Tensor:
+    """``(1, 3, H, W)`` in [0, 1]; ``OSError`` (PIL's errors for unreadable, truncated or broken files included)."""
     try:
         with Image.open(path) as im:
             return from_pil([im.convert("RGB")])
-    except OSError as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from e
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's "broken PNG file" and friends
+        raise OSError(str(e)) from e
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -142,18 +147,13 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
 
 def run_score(job: ScoreJob, images_dir: str, prompts: str | None, out_dir: str) -> dict[str, Any]:
     """Score every image in ``images_dir``; print the table, write ``scores.csv``/``scores.json``/``config.yaml``
-    in ``out_dir``. Returns ``{"rows": [...], "summary": {reward: stats}}``."""
+    in ``out_dir``. Returns ``{"rows": [...], "summary": {reward: stats}, "skipped": [{"file", "error"}, ...]}``."""
     items = pair_images_with_prompts(images_dir, prompts)
-    if job.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(job.device)
-        except RuntimeError as e:
-            raise ConfigError(f"config key 'device': {e}") from e
+    device = resolve_device(job.device, "device")
     reward_set = build_reward_set(job.rewards).to(device)
     labels = list(reward_set.rewards)
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     batch: list[tuple[str, str, torch.Tensor]] = []
 
     def flush() -> None:
@@ -169,11 +169,18 @@ def run_score(job: ScoreJob, images_dir: str, prompts: str | None, out_dir: str)
         batch.clear()
 
     for path, prompt in items:
-        image = _load(path)
+        try:
+            image = _load(path)
+        except OSError as e:
+            log.warning("skipping %s: cannot read the image (%s)", path, e)
+            skipped.append({"file": os.path.basename(path), "error": str(e)})
+            continue
         if batch and (image.shape != batch[0][2].shape or len(batch) >= job.batch_size):
             flush()
         batch.append((path, prompt, image))
     flush()
+    if not rows:
+        raise DataError(f"none of the {len(items)} images in {images_dir!r} could be read")
     summary = {name: _stats([r[name] for r in rows]) for name in [*labels, "total"]}
     os.makedirs(out_dir, exist_ok=True)
     save_config(job, os.path.join(out_dir, "config.yaml"))
@@ -182,8 +189,11 @@ def run_score(job: ScoreJob, images_dir: str, prompts: str | None, out_dir: str)
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(out_dir, "scores.json"), "w") as f:
-        payload = {"images_dir": images_dir, "weights": reward_set.weights, "summary": summary, "rows": rows}
+        payload = {"images_dir": images_dir, "weights": reward_set.weights, "summary": summary, "rows": rows,
+                   "skipped": skipped}  # fmt: skip
         json.dump(_nan_to_none(payload), f, indent=1)
     sys.stdout.write(format_table(summary) + "\n")
     log.info("scored %d images with %s; wrote scores.csv and scores.json to %s", len(rows), labels, out_dir)
-    return {"rows": rows, "summary": summary}
+    if skipped:
+        log.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(s["file"] for s in skipped))
+    return {"rows": rows, "summary": summary, "skipped": skipped}

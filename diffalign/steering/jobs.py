@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 
 from diffalign.config import ConfigError, ModelConfig, SamplingConfig, resolve_device, save_config
-from diffalign.images import from_pil, save_grid, save_images
+from diffalign.images import from_pil, remove_stale_images, save_grid, save_images
 from diffalign.pipelines import load_flow_model
 from diffalign.rewards import RewardConfig, build_reward_set
 from diffalign.sampling.sampler import SDE
@@ -124,6 +124,7 @@ def run_steer(job: SteerJob, prompts: list[str], out: str) -> dict[str, Any]:
                  result.nfe[0])  # fmt: skip
     stacked = torch.cat(images)
     paths = save_images(stacked, out)
+    remove_stale_images(out, len(paths))
     with open(os.path.join(out, "index.jsonl"), "w") as f:
         for path, row in zip(paths, rows, strict=True):
             f.write(json.dumps({"file": os.path.basename(path), **row}) + "\n")

@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffalign.files import respect_umask
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -74,6 +76,7 @@ def save_checkpoint(
     save_file(rng, os.path.join(tmp, "rng.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "extra": extra or {}}, f, indent=1)
+    respect_umask(tmp)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
