@@ -368,6 +368,25 @@ def test_summarize():
     assert s["image_accuracy"] == pytest.approx(0.5)
     assert s["mean_score"] == pytest.approx(0.625)
     assert s["n"] == 4
+    lo, hi = s["image_accuracy_ci95"]
+    assert 0.0 < lo < 0.5 < hi < 1.0
+    lo, hi = s["overall_ci95"]
+    assert lo < s["overall"] < hi
+    assert s["per_category"]["counting"]["ci95"][0] == 0.0 < s["per_category"]["counting"]["ci95"][1]
+
+
+def test_accuracy_interval_covers_at_the_nominal_rate():
+    from diffalign.world.evaluator import accuracy_interval
+
+    rng = np.random.default_rng(0)
+    for p, n in ((0.05, 64), (0.3, 128), (0.8, 256)):
+        draws = rng.binomial(n, p, size=4000)
+        covered = np.mean([lo <= p <= hi for lo, hi in (accuracy_interval(int(k), n) for k in draws)])
+        assert 0.93 <= covered <= 0.98, (p, n, covered)
+    lo, hi = accuracy_interval(50, 100)
+    assert hi - lo == pytest.approx(2 * 1.96 * 0.05, rel=0.05)
+    with pytest.raises(ValueError):
+        accuracy_interval(0, 0)
 
 
 def test_label_components_matches_reference():

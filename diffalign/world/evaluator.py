@@ -147,18 +147,14 @@ class Verdict:
         correct: strict GenEval-style correctness (all requirements hold).
         score: partial credit in [0, 1] (mean of the check credits; 1 iff ``correct``).
         details: ``prompt`` (text), ``category``, ``objects`` (detected objects as dicts), ``checks``
-            (check name -> credit in [0, 1]), ``passed`` (check name -> bool) and ``graded`` (the graded
-            credit, :func:`graded_credit`).
+            (check name -> credit in [0, 1]) and ``passed`` (check name -> bool).
+        graded: the graded credit in [0, 1] (:func:`graded_credit`; below 1 unless ``correct``).
     """
 
     correct: bool
     score: float
     details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def graded(self) -> float:
-        """The graded credit in [0, 1] (see the module docstring): 1 only when ``correct``."""
-        return float(self.details["graded"])
+    graded: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -383,15 +379,15 @@ def judge(spec: PromptSpec | str, objects: Sequence[DetectedObject]) -> Verdict:
     correct = all(passed.values())
     score = 1.0 if correct else float(min(np.mean(list(checks.values())), 1.0 - 1e-6))
     graded = graded_credit(spec, objects)
+    graded = graded if correct else min(graded, 1.0 - 1e-6)
     details = {
         "prompt": spec.text,
         "category": spec.category,
         "objects": [o.as_dict() for o in objects],
         "checks": checks,
         "passed": passed,
-        "graded": graded if correct else min(graded, 1.0 - 1e-6),
     }
-    return Verdict(correct=correct, score=score, details=details)
+    return Verdict(correct=correct, score=score, details=details, graded=graded)
 
 
 def _shape_quality(distance: float) -> float:
@@ -471,13 +467,42 @@ def evaluate_batch(images: Any, prompts: Sequence[PromptSpec | str]) -> list[Ver
     return [evaluate(img, p) for img, p in zip(images, prompts, strict=True)]
 
 
+def accuracy_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% for ``z = 1.96``) of a binomial proportion ``correct / n``."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one image")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _overall_interval(per: dict[str, dict[str, float]], z: float = 1.96) -> tuple[float, float]:
+    """Normal interval of the mean of the category accuracies, each category's variance from the Agresti-Coull
+    estimate ``p~ (1 - p~) / (n + 4)`` with ``p~ = (k + 2) / (n + 4)``."""
+    var = 0.0
+    for row in per.values():
+        n, k = row["n"], row["accuracy"] * row["n"]
+        p = (k + 2) / (n + 4)
+        var += p * (1 - p) / (n + 4)
+    mean = float(np.mean([row["accuracy"] for row in per.values()]))
+    half = z * float(np.sqrt(var)) / len(per)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
 def summarize(prompts: Sequence[PromptSpec | str], verdicts: Sequence[Verdict]) -> dict[str, Any]:
-    """Aggregate verdicts GenEval-style.
+    """Aggregate verdicts GenEval-style, with 95% intervals.
+
+    The intervals treat the prompts as fixed (the benchmark is defined on its prompt set) and the images of a
+    category as binomial draws; since the images of one prompt share its success rate, the pooled binomial
+    variance is an upper bound of the variance given the prompts, so the intervals are conservative.
 
     Returns:
-        Dict with ``overall`` (mean of the per-category accuracies, GenEval's headline number),
-        ``image_accuracy`` (fraction of correct images), ``mean_score``, ``n`` (number of images) and
-        ``per_category``: category -> ``{"accuracy", "mean_score", "n"}`` (categories that occur, in
+        Dict with ``overall`` (mean of the per-category accuracies, GenEval's headline number) and its
+        ``overall_ci95``, ``image_accuracy`` (fraction of correct images) and its ``image_accuracy_ci95`` (Wilson),
+        ``mean_score`` (partial credit), ``mean_graded`` (graded credit, when the verdicts carry it), ``n``
+        (number of images) and
+        ``per_category``: category -> ``{"accuracy", "ci95", "mean_score", "n"}`` (categories that occur, in
         :data:`~diffalign.world.prompts.CATEGORIES` order).
     """
     if len(prompts) != len(verdicts):
@@ -489,15 +514,22 @@ def summarize(prompts: Sequence[PromptSpec | str], verdicts: Sequence[Verdict]) 
     for c in CATEGORIES:
         vs = [v for v, cc in zip(verdicts, cats, strict=True) if cc == c]
         if vs:
+            k = sum(v.correct for v in vs)
             per[c] = {
-                "accuracy": float(np.mean([v.correct for v in vs])),
+                "accuracy": k / len(vs),
+                "ci95": list(accuracy_interval(k, len(vs))),
                 "mean_score": float(np.mean([v.score for v in vs])),
                 "n": len(vs),
             }
+    correct = sum(v.correct for v in verdicts)
+    graded = [v.graded for v in verdicts]
     return {
         "overall": float(np.mean([d["accuracy"] for d in per.values()])),
-        "image_accuracy": float(np.mean([v.correct for v in verdicts])),
+        "overall_ci95": list(_overall_interval(per)),
+        "image_accuracy": correct / len(verdicts),
+        "image_accuracy_ci95": list(accuracy_interval(correct, len(verdicts))),
         "mean_score": float(np.mean([v.score for v in verdicts])),
         "n": len(verdicts),
         "per_category": per,
+        **({"mean_graded": float(np.mean(graded))} if None not in graded else {}),
     }
