@@ -99,7 +99,7 @@ def test_fsdp2_full_fine_tuning_exports_a_stock_transformer(sharded_job):
     changed = [k for k in base if not torch.equal(tuned[k], base[k])]
     assert len(changed) >= len(base) - 1, f"only {len(changed)} of {len(base)} tensors were trained"
     # checkpoints hold whole tensors (gathered from the shards), not one process's shard
-    checkpoint = load_file(str(tmp_path / "full" / "checkpoints" / "step-000001" / "modules" / "trained.safetensors"))
+    checkpoint = load_file(str(tmp_path / "full" / "checkpoints" / "step-000001" / "modules" / "policy.safetensors"))
     params = dict(
         SD3Transformer2DModel.from_pretrained(str(tmp_path / "sd3"), subfolder="transformer").named_parameters()
     )

@@ -9,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer, group_advantages
+from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer, GRPOMicro, group_advantages
 from diffalign.config import ConfigError, load_config
 from diffalign.pipelines.tiny import build_tiny
 from diffalign.rewards import RewardError
@@ -71,15 +71,13 @@ def test_group_advantages_zero_mean_per_group_and_zero_for_constant_groups():
 @pytest.mark.parametrize("window", ["all", "random"])
 def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_models, tmp_path, window):
     job = _job(tiny_models, tmp_path / "run", **{"flow_grpo.window": window})
-    ctx = TrainContext(job)
-    trainer = FlowGRPOTrainer(ctx)
-    ctx.finish_setup(trainer.updates_per_epoch)
-    rollout = trainer.collect(0)
-    assert rollout.states.shape == (8, 5, 4, 16, 16) and rollout.advantages.shape == (8,)
+    trainer = FlowGRPOTrainer(TrainContext(job))
+    batch = trainer.collect(0)
+    assert batch.states.shape == (8, 5, 4, 16, 16) and batch.advantages.shape == (8,)
     rows = torch.arange(8)
-    for j in range(rollout.train_steps.shape[1]):
+    for j in range(batch.train_steps.shape[1]):
         with torch.no_grad():
-            loss, info = trainer.loss(rollout, rows, j, 0)
+            info = trainer.loss(batch, GRPOMicro(rows, j, 8))
         torch.testing.assert_close(info["ratio"], torch.ones(8), rtol=0, atol=1e-5)
         assert info["kl"].abs().max() < 1e-10
         assert info["clipfrac"].sum() == 0
@@ -88,19 +86,18 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_models, tmp_path,
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_lora_parameters_change_and_frozen_ones_do_not(tiny_models, tmp_path, family):
     job = _job(tiny_models, tmp_path / "run", family=family, **{"train.epochs": 1})
-    ctx = TrainContext(job)
-    trainer = FlowGRPOTrainer(ctx)
-    ctx.finish_setup(trainer.updates_per_epoch)
-    before = {n: p.detach().clone() for n, p in ctx.flow.transformer.named_parameters()}
-    rollout = trainer.collect(0)
-    assert rollout.advantages.abs().sum() > 0
-    trainer.update(rollout, 0)
-    changed = {n for n, p in ctx.flow.transformer.named_parameters() if not torch.equal(p, before[n])}
+    trainer = FlowGRPOTrainer(TrainContext(job))
+    flow = trainer.flow
+    before = {n: p.detach().clone() for n, p in flow.transformer.named_parameters()}
+    batch = trainer.collect(0)
+    assert batch.advantages.abs().sum() > 0
+    trainer.update(batch, 0)
+    changed = {n for n, p in flow.transformer.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "no parameter changed"
     assert all("lora_" in n for n in changed), [n for n in changed if "lora_" not in n][:3]
     assert any("lora_B" in n for n in changed)
     for module in ("vae", "text_encoder", "text_encoder_2"):
-        assert not any(p.requires_grad for p in getattr(ctx.flow.pipe, module).parameters())
+        assert not any(p.requires_grad for p in getattr(flow.pipe, module).parameters())
 
 
 def test_a_prompt_file_of_world_prompts_is_judged_by_the_world_evaluator(tiny_models, tmp_path):
@@ -143,20 +140,20 @@ def test_training_on_cuda_trains_lora_only_and_ratio_is_one_before_the_update(
     request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     job = _job(tiny_models, tmp_path / "run", **{"train.mixed_precision": precision, "train.epochs": 1})
     ctx = TrainContext(job)
-    assert ctx.flow.device.type == "cuda"
     trainer = FlowGRPOTrainer(ctx)
-    ctx.finish_setup(trainer.updates_per_epoch)
-    before = {n: p.detach().clone() for n, p in ctx.flow.transformer.named_parameters()}
-    rollout = trainer.collect(0)
+    flow = trainer.flow
+    assert flow.device.type == "cuda"
+    before = {n: p.detach().clone() for n, p in flow.transformer.named_parameters()}
+    batch = trainer.collect(0)
     rows = job.flow_grpo.batch_size  # the rows of the first rollout batch: the same kernels as the rollout
     with torch.no_grad(), ctx.accelerator.autocast():
-        _, info = trainer.loss(rollout, torch.arange(rows), 0, 0)
+        info = trainer.loss(batch, GRPOMicro(torch.arange(rows), 0, rows))
     torch.testing.assert_close(info["ratio"].float().cpu(), torch.ones(rows), rtol=0, atol=1e-4)
     assert info["kl"].abs().max() < 1e-6
-    trainer.update(rollout, 0)
-    changed = {n for n, p in ctx.flow.transformer.named_parameters() if not torch.equal(p, before[n])}
+    trainer.update(batch, 0)
+    changed = {n for n, p in flow.transformer.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
-    assert all(torch.isfinite(p).all() for p in ctx.flow.transformer.parameters())
+    assert all(torch.isfinite(p).all() for p in flow.transformer.parameters())
 
 
 def test_exported_lora_loads_into_the_stock_pipeline(tiny_models, tmp_path):
@@ -184,7 +181,7 @@ def test_nan_reward_stops_training_and_keeps_the_last_good_checkpoint(tiny_model
 def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny_models, tmp_path):
     out = tmp_path / "run"
     run_training(_job(tiny_models, out, **{"train.epochs": 1}), FlowGRPOTrainer)
-    (out / "checkpoints" / "step-000001" / "modules" / "trained.safetensors").write_bytes(b"garbage")
+    (out / "checkpoints" / "step-000001" / "modules" / "policy.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="step-000001"):
         run_training(_job(tiny_models, out, **{"train.epochs": 2}), FlowGRPOTrainer)
 
@@ -193,7 +190,7 @@ def test_bad_configs(tiny_models, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="prompts"):
-        TrainContext(_job(tiny_models, tmp_path / "a", prompts=str(empty)))
+        FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / "a", prompts=str(empty))))
     with pytest.raises(ConfigError, match="flow_grpo.group_size"):
         _job(tiny_models, tmp_path / "b", **{"flow_grpo.group_size": 1})
     job = _job(tiny_models, tmp_path / "c", **{"flow_grpo.batch_size": 3})
@@ -202,4 +199,4 @@ def test_bad_configs(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="flow_grpo.window_range"):
         _job(tiny_models, tmp_path / "d", **{"flow_grpo.window": "random", "flow_grpo.window_range": [3, 4]})
     with pytest.raises(ConfigError, match="unknown reward|rewards"):
-        TrainContext(_job(tiny_models, tmp_path / "e", rewards=[{"name": "no_such_reward"}]))
+        FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / "e", rewards=[{"name": "no_such_reward"}])))

@@ -238,7 +238,7 @@ def test_prompt_sets_split():
 
 def test_balanced_prompt_source_weights_categories_equally():
     from diffalign.config import ConfigError
-    from diffalign.training.loop import load_prompts
+    from diffalign.training.finetuning import load_prompts
 
     plain = load_prompts("world:train", "prompts")
     balanced = load_prompts("world:train:balanced", "prompts")
