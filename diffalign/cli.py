@@ -33,10 +33,10 @@ USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, TypeError, RewardErro
 
 
 def _register_jobs() -> None:
+    from diffalign.recipes.world_eval import EvalJob
+    from diffalign.recipes.world_pretrain import PretrainJob
     from diffalign.rewards.commands import JOBS as REWARD_JOBS
     from diffalign.steering.jobs import SteerJob
-    from diffalign.world.jobs import EvalJob
-    from diffalign.world.pretrain import PretrainJob
 
     JOBS.update({"pretrain": PretrainJob, "eval": EvalJob, "steer": SteerJob, **REWARD_JOBS})
 
@@ -91,7 +91,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from diffalign.world.pretrain import pretrain
+    from diffalign.recipes.world_pretrain import pretrain
 
     pretrain(_load_job("pretrain", args.config, args.overrides))
 
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from diffalign.world.jobs import run_eval
+    from diffalign.recipes.world_eval import run_eval
 
     run_eval(_load_job("eval", args.config, args.overrides), out=args.out)
 

@@ -260,6 +260,7 @@ def run_training(
     if latest is not None:
         start = _resume(ctx, latest)
         log.info("resumed from %s (epoch %d)", latest, start)
+        _truncate_history(ctx, history_path, start)
     else:
         if acc.is_main_process and os.path.exists(history_path):
             os.remove(history_path)
@@ -310,6 +311,17 @@ def _append_history(ctx: TrainContext, path: str, record: dict[str, Any]) -> Non
     if ctx.accelerator.is_main_process:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _truncate_history(ctx: TrainContext, path: str, epoch: int) -> None:
+    """Drop the records after ``epoch`` (written by a run that went on past its last checkpoint)."""
+    if not ctx.accelerator.is_main_process or not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
 
 
 def _checkpoint(ctx: TrainContext, directory: str, epoch: int, keep: int | None) -> None:
