@@ -33,9 +33,9 @@ USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, TypeError, RewardErro
 
 
 def _register_jobs() -> None:
+    from diffalign.recipes.reward_commands import JOBS as REWARD_JOBS
     from diffalign.recipes.world_eval import EvalJob
     from diffalign.recipes.world_pretrain import PretrainJob
-    from diffalign.rewards.commands import JOBS as REWARD_JOBS
     from diffalign.steering.jobs import SteerJob
 
     JOBS.update({"pretrain": PretrainJob, "eval": EvalJob, "steer": SteerJob, **REWARD_JOBS})
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=best_of_n budget=400")
     p.set_defaults(func=cmd_steer)
 
-    from diffalign.rewards.commands import add_commands as add_reward_commands
+    from diffalign.recipes.reward_commands import add_commands as add_reward_commands
 
     add_reward_commands(sub)
 

@@ -101,14 +101,15 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+def resolve_device(name: str, key: str = "model.device") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device`` (a bad name is a
+    ``ConfigError`` naming the config ``key``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"config key 'model.device': {e}") from e
+        raise ConfigError(f"config key '{key}': {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------- shared sections

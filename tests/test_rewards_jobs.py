@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from diffalign.algorithms.reward_model import TrainRewardJob
 from diffalign.config import ConfigError, load_config, read_kind
 from diffalign.images import save_images
+from diffalign.recipes.reward_commands import JOBS, add_commands
 from diffalign.rewards import REWARDS, RewardConfig, build_reward
-from diffalign.rewards.commands import JOBS, add_commands
 from diffalign.rewards.jpeg import JpegCompressibilityReward, JpegIncompressibilityReward, jpeg_sizes_kb
 from diffalign.rewards.scoring import ScoreJob, run_score
-from diffalign.rewards.training import TrainRewardJob
 from diffalign.world import render, sample_scene, train_prompts
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "rewards")

@@ -272,7 +272,7 @@ def run_training(
 
     last = cadence.epochs
     bar = tqdm(range(start, last), initial=start, total=last, desc=algorithm.name,
-               disable=not acc.is_main_process)  # fmt: skip
+               disable=not (acc.is_main_process and cadence.progress_bar))  # fmt: skip
     started = time.time()
     for epoch in bar:
         ctx.train_mode(False)

@@ -84,7 +84,7 @@ class Cadence:
         keep_checkpoints: newest checkpoints kept (None: all).
         evaluate_before: evaluate once before the first epoch (tag ``before``) when the run starts fresh.
         evaluate_at_end, checkpoint_at_end: also evaluate (tag ``after``) / checkpoint after the last epoch.
-        progress: metric keys shown in the progress bar.
+        progress_bar: show a progress bar (on the main process); ``progress``: metric keys shown in it.
     """
 
     epochs: int
@@ -95,6 +95,7 @@ class Cadence:
     evaluate_before: bool = False
     evaluate_at_end: bool = True
     checkpoint_at_end: bool = True
+    progress_bar: bool = True
     progress: tuple[str, ...] = ()
 
 

@@ -1,4 +1,4 @@
-"""Command-line wiring of the reward commands, without touching ``diffalign/cli.py``.
+"""Command-line wiring of the reward commands.
 
 ``diffalign.cli`` calls :func:`add_commands` with its subparsers and merges :data:`JOBS` into its own table (for
 ``show-config``):
@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from diffalign.algorithms.reward_model import TrainRewardJob
 from diffalign.config import ConfigError, load_config, read_kind
 from diffalign.rewards.scoring import ScoreJob
-from diffalign.rewards.training import TrainRewardJob
 
 JOBS: dict[str, type] = {"score": ScoreJob, "train-reward": TrainRewardJob}
 
@@ -37,7 +37,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_train_reward(args: argparse.Namespace) -> None:
     """``diffalign train-reward``."""
-    from diffalign.rewards.training import train_reward
+    from diffalign.algorithms.reward_model import train_reward
 
     job: TrainRewardJob = load_job("train-reward", args.config, list(getattr(args, "overrides", []) or []))
     train_reward(job)
