@@ -130,6 +130,35 @@ def test_training_run_writes_outputs_and_resumes_identically(tiny_models, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+#: A 3-epoch run of ``_job`` on this machine type (2-core x86 CPU, torch 2.14) before Flow-GRPO moved onto the
+#: shared trainer seam (commit d540821): per-epoch rollout reward, KL and gradient norm, and sums of the final
+#: LoRA. The refactored loop reproduced them bit for bit; the tolerance only allows for other CPUs' kernels.
+PINNED_HISTORY = {
+    "reward_mean": [0.16472044587135315, 0.16636237502098083, 0.1647776961326599],
+    "kl": [8.427246575593017e-05, 0.00017256494296210198, 0.0008766871930371659],
+    "grad_norm": [0.004076729994267225, 0.003197237499989569, 0.004407974076457322],
+    "ratio": [0.9998884896437327, 1.0000215570131938, 0.9999456405639648],
+}
+PINNED_LORA = {"lora_B_abs": 40.72725513505338, "lora_B": 1.3262101157970392, "lora_A_abs": 392.2212574645964}
+
+
+def test_the_numbers_of_a_short_run_are_those_of_the_pre_seam_loop(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    run_training(_job(tiny_models, out, **{"train.epochs": 3}), FlowGRPOTrainer)
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()][1:]
+    for key, values in PINNED_HISTORY.items():
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows], dtype=torch.float64),
+                                   torch.tensor(values, dtype=torch.float64), rtol=1e-3, atol=0, msg=key)  # fmt: skip
+    lora = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
+    sums = {
+        "lora_B_abs": sum(float(v.double().abs().sum()) for k, v in lora.items() if "lora_B" in k),
+        "lora_B": sum(float(v.double().sum()) for k, v in lora.items() if "lora_B" in k),
+        "lora_A_abs": sum(float(v.double().abs().sum()) for k, v in lora.items() if "lora_A" in k),
+    }
+    for key, value in PINNED_LORA.items():
+        assert sums[key] == pytest.approx(value, rel=1e-3), key
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_training_on_cuda_trains_lora_only_and_ratio_is_one_before_the_update(

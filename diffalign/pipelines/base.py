@@ -156,8 +156,9 @@ class FlowModel(ABC):
         (the reference of a KL penalty, the teacher of a distillation). The previous adapter state and routing
         are restored on exit, so blocks nest.
 
-        peft marks the active adapter's parameters trainable and the inactive ones frozen; an optimizer keeps
-        its parameters whatever their flag, so a phase that trains one adapter runs its forward in its block.
+        Which parameters require gradients is left as it was (peft's switches would freeze every adapter but the
+        active one): an adapter's parameters get gradients from the forward passes run in its block, so several
+        adapters can be trained in alternation, each with its own optimizer.
         """
         transformer = self.transformer
         config = getattr(transformer, "peft_config", None)
@@ -165,8 +166,9 @@ class FlowModel(ABC):
             raise ValueError(f"the {self.family} transformer has no LoRA adapter (add one with add_lora)")
         if name is not None and name not in config:
             raise ValueError(f"no LoRA adapter named {name!r} on the transformer; it has {sorted(config)}")
-        layer = next(m for m in transformer.modules() if isinstance(m, BaseTunerLayer))
-        was_enabled, was_active = not layer.disable_adapters, transformer.active_adapters()
+        layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+        was_enabled, was_active = not layers[0].disable_adapters, transformer.active_adapters()
         previous = self._network
         if name is None:
             self._network = None
@@ -177,6 +179,7 @@ class FlowModel(ABC):
                 transformer.set_adapter(name)
             if not was_enabled:
                 transformer.enable_adapters()
+        _restore_flags(flags)
         try:
             yield
         finally:
@@ -186,6 +189,7 @@ class FlowModel(ABC):
                 transformer.enable_adapters()
             else:
                 transformer.disable_adapters()
+            _restore_flags(flags)
             self._network = previous
 
     @property
@@ -380,6 +384,12 @@ class FlowModel(ABC):
             raise FileNotFoundError(f"LoRA path {path!r} does not exist")
         self.pipe.load_lora_weights(path, adapter_name=adapter_name)
         self.transformer.set_adapter(adapter_name)
+
+
+def _restore_flags(flags: list[tuple[torch.nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        if p.requires_grad != flag:
+            p.requires_grad_(flag)
 
 
 def check_images(images: Tensor) -> None:

@@ -94,9 +94,10 @@ class TrainContext:
         ``scheduler`` and an optional EMA (``ema_decay`` > 0, updated every ``ema_every`` optimizer steps).
 
         Several registrations may share ``module`` (LoRA adapters on one transformer): their parameters must be
-        disjoint. ``export(directory, state)`` writes the module into ``output_dir/export_dir`` (default
-        ``final/<name>``) at the end of the run, from whole CPU tensors: the trained parameters by name, or with
-        ``export_whole`` the module's whole state dict. Call ``prepare`` once everything is registered.
+        disjoint; they are marked as requiring gradients. ``export(directory, state)`` writes the module into
+        ``output_dir/export_dir`` (default ``final/<name>``) at the end of the run, from whole CPU tensors: the
+        trained parameters by name, or with ``export_whole`` the module's whole state dict. Call ``prepare`` once
+        everything is registered.
         """
         if self.prepared:
             raise RuntimeError(f"cannot register {name!r}: the modules are already prepared")
@@ -112,6 +113,9 @@ class TrainContext:
                 raise ValueError(f"modules {other.name!r} and {name!r} train the same parameters, e.g. {min(shared)}")
         if not 0 <= ema_decay < 1 or ema_every < 1:
             raise ValueError(f"module {name!r}: need 0 <= ema_decay < 1 and ema_every >= 1")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
         trained = TrainedModule(
             name=name, module=module, parameters=names, optimizer=optimizer, scheduler=scheduler,
             grad_clip=grad_clip, ema_decay=ema_decay, ema_every=ema_every, export=export,
