@@ -63,9 +63,9 @@ class TwoAdapterTrainer(Trainer):
         fake = [params[n] for n in params if ".fake." in n]
         gen_opt = torch.optim.AdamW(gen, lr=2e-2, weight_decay=0.0)
         fake_opt = torch.optim.AdamW(fake, lr=2e-2, weight_decay=0.0)
-        steps = job.epochs
-        gen_sched = torch.optim.lr_scheduler.LambdaLR(gen_opt, lambda k: 1 - k / (2 * steps))
-        fake_sched = torch.optim.lr_scheduler.LambdaLR(fake_opt, lambda k: 1 - k / (4 * steps * job.fake_steps))
+        # decaying rates that do not depend on the run's length (a run resumed with more epochs continues them)
+        gen_sched = torch.optim.lr_scheduler.LambdaLR(gen_opt, lambda k: 1 / (1 + 0.2 * k))
+        fake_sched = torch.optim.lr_scheduler.LambdaLR(fake_opt, lambda k: 1 / (1 + 0.1 * k))
         ctx.register("generator", transformer, gen_opt, gen_sched, grad_clip=1.0, ema_decay=0.5,
                      export=self._exporter("gen"), export_dir="final")  # fmt: skip
         ctx.register("fake_score", transformer, fake_opt, fake_sched, grad_clip=1.0, export=self._exporter("fake"))

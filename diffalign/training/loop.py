@@ -126,7 +126,7 @@ class TrainContext:
 
     def prepare(self) -> None:
         """Hand every registered module to accelerate (device placement, DDP / FSDP2 wrapping, mixed precision)
-        with its optimizer and scheduler, then build the EMAs (after sharding, so they are shards too).
+        with its optimizer, then build the EMAs (after sharding, so they are shards too).
 
         Registrations that share a module are prepared together under FSDP2 (one sharding, one wrapper);
         otherwise each gets a wrapper of its own over its own parameters, so that a phase that trains one of them
@@ -141,22 +141,17 @@ class TrainContext:
         groups: dict[int, list[TrainedModule]] = {}
         for m in self.modules.values():
             groups.setdefault(id(m.module), []).append(m)
+        # the LR schedulers stay as they are: they count this process's optimizer steps, while accelerate's
+        # wrapper would step them once per process at every step
         for group in groups.values():
             if len(group) == 1 or acc.is_fsdp2:
-                schedulers = [m for m in group if m.scheduler is not None]
-                prepared = acc.prepare(group[0].module, *[m.optimizer for m in group],
-                                       *[m.scheduler for m in schedulers])  # fmt: skip
-                network, rest = prepared[0], list(prepared[1:])
-                for m in group:
-                    m.network, m.optimizer = network, rest.pop(0)
-                for m in schedulers:
-                    m.scheduler = rest.pop(0)
+                network, *optimizers = acc.prepare(group[0].module, *[m.optimizer for m in group])
+                for m, optimizer in zip(group, optimizers, strict=True):
+                    m.network, m.optimizer = network, optimizer
             else:
                 for m in group:
                     m.network = self._wrap_alone(m)
                     m.optimizer = acc.prepare_optimizer(m.optimizer)
-                    if m.scheduler is not None:
-                        m.scheduler = acc.prepare_scheduler(m.scheduler)
         for m in self.modules.values():
             if m.ema_decay > 0:
                 m.ema = EMA(m.module, m.ema_decay, parameters=m.parameters)
@@ -193,7 +188,7 @@ class TrainContext:
         what = "gradient norm" if len(self.modules) == 1 else f"gradient norm of {m.name!r}"
         check_finite(torch.as_tensor(float(grad_norm)), what, epoch)
         m.optimizer.step()
-        if m.scheduler is not None:
+        if m.scheduler is not None and not getattr(m.optimizer, "step_was_skipped", False):  # fp16 overflow
             m.scheduler.step()
         m.steps += 1
         if m.ema is not None and m.steps % m.ema_every == 0:
@@ -339,7 +334,7 @@ def _checkpoint(ctx: TrainContext, directory: str, epoch: int, keep: int | None)
             modules[f"{m.name}.ema"] = m.ema.state_dict()
         optimizers[m.name] = ctx.optimizer_state(m)
     if ctx.accelerator.is_main_process:
-        schedulers = {m.name: _unwrap(m.scheduler, "scheduler") for m in ctx.modules.values() if m.scheduler}
+        schedulers = {m.name: m.scheduler for m in ctx.modules.values() if m.scheduler is not None}
         extra = {"optimizer_steps": {m.name: m.steps for m in ctx.modules.values()}}
         save_checkpoint(directory, epoch, modules, optimizers, schedulers, generators=ctx.generators, extra=extra,
                         keep=keep)  # fmt: skip
@@ -347,7 +342,7 @@ def _checkpoint(ctx: TrainContext, directory: str, epoch: int, keep: int | None)
 
 
 def _unwrap(obj: Any, attr: str) -> Any:
-    """The torch optimizer / scheduler inside accelerate's wrapper."""
+    """The torch optimizer inside accelerate's wrapper."""
     return getattr(obj, attr, obj)
 
 
@@ -361,7 +356,7 @@ def _resume(ctx: TrainContext, path: str) -> int:
         raise CheckpointError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
     for m in modules:
         ctx.load_module_state(m, states[m.name])
-    schedulers = {m.name: _unwrap(m.scheduler, "scheduler") for m in modules if m.scheduler is not None}
+    schedulers = {m.name: m.scheduler for m in modules if m.scheduler is not None}
     state = load_checkpoint(path, {}, None, schedulers, generators=ctx.generators)
     try:
         for m in modules:

@@ -108,7 +108,8 @@ class TrainedModule:
         module: the ``nn.Module`` holding its parameters (several registrations may share one: LoRA adapters
             on one transformer).
         parameters: names (in ``module``) of the trained parameters, in ``module.named_parameters()`` order.
-        optimizer, scheduler: its optimizer and LR scheduler (accelerate's wrappers after ``prepare``).
+        optimizer: its optimizer (accelerate's wrapper after ``prepare``); ``scheduler``: its LR scheduler, stepped
+            once per optimizer step (None: a constant learning rate).
         grad_clip: max gradient norm (None: not clipped; the norm is still logged).
         ema_decay, ema_every: EMA of the parameters, updated every ``ema_every`` of its optimizer steps
             (``ema_decay = 0``: none).
