@@ -325,6 +325,9 @@ class FlowGRPOTrainer(Trainer):
         ]  # fmt: skip
 
     def loss(self, batch: GRPOBatch, micro: GRPOMicro) -> dict[str, Tensor]:
+        """Eq. 8 at the samples ``micro.rows`` (``B`` of them) at their trained step ``micro.column``:
+        ``loss_grpo`` is ``L`` weighted by the micro-batch's share of its optimizer step; ``ratio``,
+        ``clipfrac``, ``approx_kl``, ``kl`` (``(B,)``) and ``policy_loss`` are diagnostics."""
         cfg, flow, rows = self.cfg, self.flow, micro.rows
         steps = batch.train_steps[rows, micro.column]
         x_t = batch.states[rows, steps]

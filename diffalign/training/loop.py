@@ -128,9 +128,9 @@ class TrainContext:
         """Hand every registered module to accelerate (device placement, DDP / FSDP2 wrapping, mixed precision)
         with its optimizer, then build the EMAs (after sharding, so they are shards too).
 
-        Registrations that share a module are prepared together under FSDP2 (one sharding, one wrapper);
-        otherwise each gets a wrapper of its own over its own parameters, so that a phase that trains one of them
-        synchronises exactly its gradients."""
+        Registrations that share a module are prepared together (one FSDP2 sharding, one wrapper), except under
+        DDP, where each gets a wrapper of its own over its own parameters, so that a phase that trains one of them
+        synchronises exactly its gradients (route its forward passes through ``network``)."""
         if self.prepared:
             raise RuntimeError("the modules are already prepared")
         if not self.modules:
@@ -144,7 +144,7 @@ class TrainContext:
         # the LR schedulers stay as they are: they count this process's optimizer steps, while accelerate's
         # wrapper would step them once per process at every step
         for group in groups.values():
-            if len(group) == 1 or acc.is_fsdp2:
+            if len(group) == 1 or acc.is_fsdp2 or acc.num_processes == 1:
                 network, *optimizers = acc.prepare(group[0].module, *[m.optimizer for m in group])
                 for m, optimizer in zip(group, optimizers, strict=True):
                     m.network, m.optimizer = network, optimizer
