@@ -192,7 +192,8 @@ class Trainer(ABC):
         """Take the optimizer ``steps`` of the registered ``modules`` (by name): per step, zero their gradients,
         back-propagate the summed ``loss_*`` terms of ``loss(batch, micro)`` for every micro-batch (gradients are
         synchronised over processes on the last one), then clip, step the optimizer and scheduler and update the
-        EMA of each. NaN/inf in an objective or a gradient norm raises before any step.
+        EMA of each. A NaN/inf objective raises before its backward pass, a NaN/inf gradient norm before the
+        optimizer step.
 
         Returns the diagnostics averaged over the micro-batches, each ``loss_*`` term as the mean over steps of
         its per-step sum (averaged over processes), and ``grad_norm`` (``grad_norm/<name>`` with several
