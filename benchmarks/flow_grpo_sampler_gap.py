@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from diffalign.pipelines import load_flow_model  # noqa: E402
 from diffalign.sampling.sampler import SDE, sample, window  # noqa: E402
-from diffalign.training.loop import load_prompts  # noqa: E402
+from diffalign.training.finetuning import load_prompts  # noqa: E402
 from diffalign.world.evaluator import evaluate_batch  # noqa: E402
 
 SAMPLERS: dict[str, tuple[int, bool]] = {"rollout: 10 steps, SDE window": (10, True),

@@ -36,7 +36,7 @@ def full_size_sd35(device: torch.device, dtype: torch.dtype):
     from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
-    from diffalign.pipelines.tiny import t5_tokenizer
+    from diffalign.pipelines.tokenizers import t5_tokenizer
 
     bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
     merges = [tuple(m.split()) for m in gzip.open(bpe).read().decode().split("\n")[1 : 49152 - 256 - 2 + 1]]

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from diffalign.algorithms.reward_model import TrainRewardJob, train_reward  # noqa: E402
 from diffalign.config import load_config  # noqa: E402
-from diffalign.rewards.training import TrainRewardJob, train_reward  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "rewards")
 

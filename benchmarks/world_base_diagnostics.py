@@ -33,11 +33,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from diffalign.config import SamplingConfig  # noqa: E402
 from diffalign.pipelines import FlowModel, load_flow_model  # noqa: E402
+from diffalign.recipes.world_benchmark import evaluate_world  # noqa: E402
 from diffalign.sampling.sampler import sample  # noqa: E402
 from diffalign.training.ema import EMA  # noqa: E402
 from diffalign.types import Cond  # noqa: E402
 from diffalign.world import evaluate_batch, test_prompts  # noqa: E402
-from diffalign.world.benchmark import evaluate_world  # noqa: E402
 from diffalign.world.evaluator import summarize  # noqa: E402
 from diffalign.world.prompts import train_prompts  # noqa: E402
 from diffalign.world.render import dataset_examples, render, sample_scene  # noqa: E402

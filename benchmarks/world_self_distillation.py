@@ -31,11 +31,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from diffalign.config import SamplingConfig  # noqa: E402
 from diffalign.pipelines import load_flow_model  # noqa: E402
+from diffalign.recipes.world_benchmark import evaluate_world  # noqa: E402
 from diffalign.sampling.sampler import sample  # noqa: E402
-from diffalign.training.loop import load_prompts  # noqa: E402
+from diffalign.training.finetuning import load_prompts  # noqa: E402
 from diffalign.types import Cond  # noqa: E402
 from diffalign.world import evaluate_batch, test_prompts  # noqa: E402
-from diffalign.world.benchmark import evaluate_world  # noqa: E402
 from diffalign.world.prompts import as_spec  # noqa: E402
 
 SAMPLING = SamplingConfig(num_steps=20, height=64, width=64, guidance_scale=3.0)

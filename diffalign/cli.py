@@ -27,11 +27,11 @@ log = logging.getLogger("diffalign")
 # kind -> "module:Class" of its job schema (``train`` jobs are looked up by algorithm in diffalign.algorithms)
 JOBS: dict[str, str] = {
     "sample": "diffalign.config:SampleJob",
-    "pretrain": "diffalign.world.pretrain:PretrainJob",
-    "eval": "diffalign.world.jobs:EvalJob",
+    "pretrain": "diffalign.recipes.world_pretrain:PretrainJob",
+    "eval": "diffalign.recipes.world_eval:EvalJob",
     "steer": "diffalign.steering.jobs:SteerJob",
     "score": "diffalign.rewards.scoring:ScoreJob",
-    "train-reward": "diffalign.rewards.training:TrainRewardJob",
+    "train-reward": "diffalign.algorithms.reward_model:TrainRewardJob",
 }
 
 # The project's own errors (bad input, or a run stopped on purpose, e.g. on a NaN loss): reported as one line with
@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from diffalign.world.pretrain import pretrain
+    from diffalign.recipes.world_pretrain import pretrain
 
     job = _load_job("pretrain", args.config, args.overrides)
     preflight(job, job.output_dir, "config key 'output_dir'")
@@ -162,7 +162,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from diffalign.world.jobs import run_eval
+    from diffalign.recipes.world_eval import run_eval
 
     job = _load_job("eval", args.config, args.overrides)
     preflight(job, args.out or job.out_dir, "--out" if args.out else "config key 'out_dir'")
@@ -188,7 +188,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_train_reward(args: argparse.Namespace) -> None:
-    from diffalign.rewards.training import train_reward
+    from diffalign.algorithms.reward_model import train_reward
 
     job = _load_job("train-reward", args.config, args.overrides)
     preflight(job, job.output_dir, "config key 'output_dir'")

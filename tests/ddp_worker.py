@@ -17,14 +17,12 @@ from diffalign.training.loop import TrainContext
 def main(config: str, out: str) -> None:
     job = load_config(FlowGRPOJob, config)
     acc = Accelerator(cpu=True)
-    ctx = TrainContext(job, acc)
-    trainer = FlowGRPOTrainer(ctx)
-    ctx.finish_setup(trainer.updates_per_epoch)
-    rollout = trainer.collect(0)
-    trainer.update(rollout, 0)
+    trainer = FlowGRPOTrainer(TrainContext(job, acc))
+    batch = trainer.collect(0)
+    trainer.update(batch, 0)
     _, groups = trainer.epoch_prompts(0)
-    state = {f"lora.{k}": v.contiguous() for k, v in get_peft_model_state_dict(ctx.flow.transformer).items()}
-    state.update(rewards=rollout.rewards.cpu(), advantages=rollout.advantages.cpu(), groups=groups,
+    state = {f"lora.{k}": v.contiguous() for k, v in get_peft_model_state_dict(trainer.flow.transformer).items()}
+    state.update(rewards=batch.rewards.cpu(), advantages=batch.advantages.cpu(), groups=groups,
                  world=torch.tensor(acc.num_processes))  # fmt: skip
     save_file(state, os.path.join(out, f"rank{acc.process_index}.safetensors"))
 

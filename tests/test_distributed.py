@@ -99,7 +99,7 @@ def test_fsdp2_full_fine_tuning_exports_a_stock_transformer(sharded_job):
     changed = [k for k in base if not torch.equal(tuned[k], base[k])]
     assert len(changed) >= len(base) - 1, f"only {len(changed)} of {len(base)} tensors were trained"
     # checkpoints hold whole tensors (gathered from the shards), not one process's shard
-    checkpoint = load_file(str(tmp_path / "full" / "checkpoints" / "step-000001" / "modules" / "trained.safetensors"))
+    checkpoint = load_file(str(tmp_path / "full" / "checkpoints" / "step-000001" / "modules" / "policy.safetensors"))
     params = dict(
         SD3Transformer2DModel.from_pretrained(str(tmp_path / "sd3"), subfolder="transformer").named_parameters()
     )
@@ -153,3 +153,29 @@ def test_a_one_process_checkpoint_resumes_in_two_sharded_processes(sharded_job):
     assert sorted(os.listdir(single / "checkpoints"))[-1] == "step-000003"
     assert all(torch.isfinite(v).all() for v in continued.values())
     assert any(not torch.equal(continued[k], one[k]) for k in one), "the sharded epoch did not train"
+
+
+@pytest.mark.slow
+def test_two_modules_on_one_transformer_train_alike_under_ddp_and_fsdp2(tmp_path):
+    """Two registered LoRA adapters on one transformer, updated in alternating phases: 2 processes (one DDP
+    wrapper per adapter; one FSDP2 sharding for both) take the steps one process takes (every process sees the
+    same data), and an FSDP2 run resumes exactly."""
+    from seam_fixtures import ToyJob, TwoAdapterTrainer
+
+    from diffalign.config import load_config
+    from diffalign.training.loop import run_training
+
+    run_training(load_config(ToyJob, {"output_dir": str(tmp_path / "one")}), TwoAdapterTrainer)
+    _launch("seam_worker.py", "ddp", str(tmp_path / "ddp"))
+    _launch("seam_worker.py", "fsdp", str(tmp_path / "fsdp"))
+    _launch("seam_worker.py", "fsdp", str(tmp_path / "resumed"), "epochs=2")
+    _launch("seam_worker.py", "fsdp", str(tmp_path / "resumed"))
+    for lora in ("pytorch_lora_weights.safetensors", "fake_score/pytorch_lora_weights.safetensors"):
+        one, ddp, fsdp, resumed = (load_file(str(tmp_path / run / "final" / lora))
+                                   for run in ("one", "ddp", "fsdp", "resumed"))  # fmt: skip
+        assert one.keys() == ddp.keys() == fsdp.keys() == resumed.keys()
+        assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k), lora
+        for key in one:
+            torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(fsdp[key], one[key], rtol=1e-5, atol=1e-7)
+            assert torch.equal(resumed[key], fsdp[key]), f"{lora} {key}: kill-and-resume under FSDP2 diverged"

@@ -9,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer, group_advantages
+from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer, GRPOMicro, group_advantages
 from diffalign.config import ConfigError, load_config
 from diffalign.pipelines.tiny import build_tiny
 from diffalign.rewards import RewardError
@@ -71,15 +71,13 @@ def test_group_advantages_zero_mean_per_group_and_zero_for_constant_groups():
 @pytest.mark.parametrize("window", ["all", "random"])
 def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_models, tmp_path, window):
     job = _job(tiny_models, tmp_path / "run", **{"flow_grpo.window": window})
-    ctx = TrainContext(job)
-    trainer = FlowGRPOTrainer(ctx)
-    ctx.finish_setup(trainer.updates_per_epoch)
-    rollout = trainer.collect(0)
-    assert rollout.states.shape == (8, 5, 4, 16, 16) and rollout.advantages.shape == (8,)
+    trainer = FlowGRPOTrainer(TrainContext(job))
+    batch = trainer.collect(0)
+    assert batch.states.shape == (8, 5, 4, 16, 16) and batch.advantages.shape == (8,)
     rows = torch.arange(8)
-    for j in range(rollout.train_steps.shape[1]):
+    for j in range(batch.train_steps.shape[1]):
         with torch.no_grad():
-            loss, info = trainer.loss(rollout, rows, j, 0)
+            info = trainer.loss(batch, GRPOMicro(rows, j, 8))
         torch.testing.assert_close(info["ratio"], torch.ones(8), rtol=0, atol=1e-5)
         assert info["kl"].abs().max() < 1e-10
         assert info["clipfrac"].sum() == 0
@@ -88,19 +86,18 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_models, tmp_path,
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_lora_parameters_change_and_frozen_ones_do_not(tiny_models, tmp_path, family):
     job = _job(tiny_models, tmp_path / "run", family=family, **{"train.epochs": 1})
-    ctx = TrainContext(job)
-    trainer = FlowGRPOTrainer(ctx)
-    ctx.finish_setup(trainer.updates_per_epoch)
-    before = {n: p.detach().clone() for n, p in ctx.flow.transformer.named_parameters()}
-    rollout = trainer.collect(0)
-    assert rollout.advantages.abs().sum() > 0
-    trainer.update(rollout, 0)
-    changed = {n for n, p in ctx.flow.transformer.named_parameters() if not torch.equal(p, before[n])}
+    trainer = FlowGRPOTrainer(TrainContext(job))
+    flow = trainer.flow
+    before = {n: p.detach().clone() for n, p in flow.transformer.named_parameters()}
+    batch = trainer.collect(0)
+    assert batch.advantages.abs().sum() > 0
+    trainer.update(batch, 0)
+    changed = {n for n, p in flow.transformer.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "no parameter changed"
     assert all("lora_" in n for n in changed), [n for n in changed if "lora_" not in n][:3]
     assert any("lora_B" in n for n in changed)
     for module in ("vae", "text_encoder", "text_encoder_2"):
-        assert not any(p.requires_grad for p in getattr(ctx.flow.pipe, module).parameters())
+        assert not any(p.requires_grad for p in getattr(flow.pipe, module).parameters())
 
 
 def test_a_prompt_file_of_world_prompts_is_judged_by_the_world_evaluator(tiny_models, tmp_path):
@@ -133,6 +130,35 @@ def test_training_run_writes_outputs_and_resumes_identically(tiny_models, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+#: A 3-epoch run of ``_job`` on this machine type (2-core x86 CPU, torch 2.14) before Flow-GRPO moved onto the
+#: shared trainer seam (commit d540821): per-epoch rollout reward, KL and gradient norm, and sums of the final
+#: LoRA. The refactored loop reproduced them bit for bit; the tolerance only allows for other CPUs' kernels.
+PINNED_HISTORY = {
+    "reward_mean": [0.16472044587135315, 0.16636237502098083, 0.1647776961326599],
+    "kl": [8.427246575593017e-05, 0.00017256494296210198, 0.0008766871930371659],
+    "grad_norm": [0.004076729994267225, 0.003197237499989569, 0.004407974076457322],
+    "ratio": [0.9998884896437327, 1.0000215570131938, 0.9999456405639648],
+}
+PINNED_LORA = {"lora_B_abs": 40.72725513505338, "lora_B": 1.3262101157970392, "lora_A_abs": 392.2212574645964}
+
+
+def test_the_numbers_of_a_short_run_are_those_of_the_pre_seam_loop(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    run_training(_job(tiny_models, out, **{"train.epochs": 3}), FlowGRPOTrainer)
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()][1:]
+    for key, values in PINNED_HISTORY.items():
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows], dtype=torch.float64),
+                                   torch.tensor(values, dtype=torch.float64), rtol=1e-3, atol=0, msg=key)  # fmt: skip
+    lora = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
+    sums = {
+        "lora_B_abs": sum(float(v.double().abs().sum()) for k, v in lora.items() if "lora_B" in k),
+        "lora_B": sum(float(v.double().sum()) for k, v in lora.items() if "lora_B" in k),
+        "lora_A_abs": sum(float(v.double().abs().sum()) for k, v in lora.items() if "lora_A" in k),
+    }
+    for key, value in PINNED_LORA.items():
+        assert sums[key] == pytest.approx(value, rel=1e-3), key
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_training_on_cuda_trains_lora_only_and_ratio_is_one_before_the_update(
@@ -143,20 +169,20 @@ def test_training_on_cuda_trains_lora_only_and_ratio_is_one_before_the_update(
     request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     job = _job(tiny_models, tmp_path / "run", **{"train.mixed_precision": precision, "train.epochs": 1})
     ctx = TrainContext(job)
-    assert ctx.flow.device.type == "cuda"
     trainer = FlowGRPOTrainer(ctx)
-    ctx.finish_setup(trainer.updates_per_epoch)
-    before = {n: p.detach().clone() for n, p in ctx.flow.transformer.named_parameters()}
-    rollout = trainer.collect(0)
+    flow = trainer.flow
+    assert flow.device.type == "cuda"
+    before = {n: p.detach().clone() for n, p in flow.transformer.named_parameters()}
+    batch = trainer.collect(0)
     rows = job.flow_grpo.batch_size  # the rows of the first rollout batch: the same kernels as the rollout
     with torch.no_grad(), ctx.accelerator.autocast():
-        _, info = trainer.loss(rollout, torch.arange(rows), 0, 0)
+        info = trainer.loss(batch, GRPOMicro(torch.arange(rows), 0, rows))
     torch.testing.assert_close(info["ratio"].float().cpu(), torch.ones(rows), rtol=0, atol=1e-4)
     assert info["kl"].abs().max() < 1e-6
-    trainer.update(rollout, 0)
-    changed = {n for n, p in ctx.flow.transformer.named_parameters() if not torch.equal(p, before[n])}
+    trainer.update(batch, 0)
+    changed = {n for n, p in flow.transformer.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
-    assert all(torch.isfinite(p).all() for p in ctx.flow.transformer.parameters())
+    assert all(torch.isfinite(p).all() for p in flow.transformer.parameters())
 
 
 def test_exported_lora_loads_into_the_stock_pipeline(tiny_models, tmp_path):
@@ -184,7 +210,7 @@ def test_nan_reward_stops_training_and_keeps_the_last_good_checkpoint(tiny_model
 def test_resume_from_corrupt_checkpoint_is_a_clear_error(tiny_models, tmp_path):
     out = tmp_path / "run"
     run_training(_job(tiny_models, out, **{"train.epochs": 1}), FlowGRPOTrainer)
-    (out / "checkpoints" / "step-000001" / "modules" / "trained.safetensors").write_bytes(b"garbage")
+    (out / "checkpoints" / "step-000001" / "modules" / "policy.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="step-000001"):
         run_training(_job(tiny_models, out, **{"train.epochs": 2}), FlowGRPOTrainer)
 
@@ -193,7 +219,7 @@ def test_bad_configs(tiny_models, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="prompts"):
-        TrainContext(_job(tiny_models, tmp_path / "a", prompts=str(empty)))
+        FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / "a", prompts=str(empty))))
     with pytest.raises(ConfigError, match="flow_grpo.group_size"):
         _job(tiny_models, tmp_path / "b", **{"flow_grpo.group_size": 1})
     job = _job(tiny_models, tmp_path / "c", **{"flow_grpo.batch_size": 3})
@@ -202,4 +228,4 @@ def test_bad_configs(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="flow_grpo.window_range"):
         _job(tiny_models, tmp_path / "d", **{"flow_grpo.window": "random", "flow_grpo.window_range": [3, 4]})
     with pytest.raises(ConfigError, match="unknown reward|rewards"):
-        TrainContext(_job(tiny_models, tmp_path / "e", rewards=[{"name": "no_such_reward"}]))
+        FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / "e", rewards=[{"name": "no_such_reward"}])))

@@ -9,8 +9,8 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from diffalign.config import ConfigError, load_config
+from diffalign.recipes.world_pretrain import PretrainJob, pretrain
 from diffalign.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from diffalign.world.pretrain import PretrainJob, pretrain
 
 TINY = {
     "arch": {"image_size": 32, "vae_blocks": [8, 16], "layers": 1, "single_layers": 1, "heads": 2, "head_dim": 16,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffalign.algorithms.reward_model import TrainRewardJob
 from diffalign.cli import job_schema, main
 from diffalign.config import ConfigError, load_config, read_kind
 from diffalign.images import save_images
@@ -19,7 +20,6 @@ from diffalign.rewards import REWARDS, RewardConfig, build_reward
 from diffalign.rewards.data import DataError
 from diffalign.rewards.jpeg import JpegCompressibilityReward, JpegIncompressibilityReward, jpeg_sizes_kb
 from diffalign.rewards.scoring import ScoreJob, run_score
-from diffalign.rewards.training import TrainRewardJob
 from diffalign.world import render, sample_scene, train_prompts
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "rewards")

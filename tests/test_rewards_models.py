@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffalign.algorithms.reward_model import TrainRewardJob, build_model, train_reward
 from diffalign.config import load_config
 from diffalign.rewards import REWARDS, build_reward
 from diffalign.rewards.artifacts import ARTIFACT_KINDS, add_random_artifacts, apply_artifact, mild_variation
@@ -23,7 +24,6 @@ from diffalign.rewards.models import (
     PreferenceModelReward,
     load_reward_model,
 )
-from diffalign.rewards.training import TrainRewardJob, build_model, train_reward
 from diffalign.world import evaluate, render, sample_scene, train_prompts
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "rewards")

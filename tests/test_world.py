@@ -256,7 +256,7 @@ def test_seen_split_is_held_out_but_built_from_training_parts():
 
 def test_balanced_prompt_source_weights_categories_equally():
     from diffalign.config import ConfigError
-    from diffalign.training.loop import load_prompts
+    from diffalign.training.finetuning import load_prompts
 
     plain = load_prompts("world:train", "prompts")
     balanced = load_prompts("world:train:balanced", "prompts")

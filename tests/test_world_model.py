@@ -11,8 +11,8 @@ from diffusers import StableDiffusion3Pipeline
 
 from diffalign.config import load_config
 from diffalign.pipelines import resolve_model_path
+from diffalign.recipes.world_eval import EvalJob, run_eval
 from diffalign.world import classify_pixels, test_prompts
-from diffalign.world.jobs import EvalJob, run_eval
 
 MODEL = resolve_model_path("builtin:world-sd3")
 

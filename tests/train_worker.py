@@ -24,9 +24,9 @@ from diffalign.training.loop import run_training
 SHIPPED_FSDP_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp.yaml")
 
 
-def main(mode: str, config: str, overrides: list[str]) -> None:
-    job = load_config(FlowGRPOJob, config, overrides)
-    acc = Accelerator(cpu=True, log_with="tensorboard", project_dir=job.output_dir)
+def accelerator_for(mode: str, project_dir: str) -> Accelerator:
+    """A CPU accelerator for this process, set up for ``ddp`` or (as the shipped config does) ``fsdp``."""
+    acc = Accelerator(cpu=True, log_with="tensorboard", project_dir=project_dir)
     if mode == "fsdp":
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         acc.state.distributed_type = DistributedType.FSDP
@@ -37,7 +37,12 @@ def main(mode: str, config: str, overrides: list[str]) -> None:
                 os.environ[key.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
     assert acc.distributed_type == (DistributedType.FSDP if mode == "fsdp" else DistributedType.MULTI_CPU)
-    run_training(job, FlowGRPOTrainer, acc)
+    return acc
+
+
+def main(mode: str, config: str, overrides: list[str]) -> None:
+    job = load_config(FlowGRPOJob, config, overrides)
+    run_training(job, FlowGRPOTrainer, accelerator_for(mode, job.output_dir))
 
 
 if __name__ == "__main__":

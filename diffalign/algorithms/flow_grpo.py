@@ -11,7 +11,9 @@ Per epoch (``collect``):
    advantages ``A = (r - mean_prompt(r)) / (std + 1e-4)``, with the std over the whole epoch (``global_std``,
    Flow-GRPO's default) or within the group.
 
-Update (``loss``, called by the shared loop for every trained step of every sample), Eq. 8 of the paper::
+Update: the samples are shuffled and split into ``updates_per_epoch`` optimizer steps (``split``); each step
+accumulates ``loss`` over its micro-batches of ``batch_size`` samples at every trained denoising step, each
+weighted by its share of the step's (sample, step) pairs. The loss is Eq. 8 of the paper::
 
     ratio = exp(log p_theta(x_{t+1} | x_t) - log p_old(x_{t+1} | x_t))
     L_clip = mean( max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) ),     A clipped to +-adv_clip_max
@@ -30,11 +32,12 @@ per epoch, LoRA r32/alpha64, lr 3e-4, EMA 0.9 every 8 steps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import json
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,7 +46,10 @@ from torch import Tensor
 from diffalign.config import ConfigError
 from diffalign.sampling.sampler import SDE, guided_velocity, sample, transition_log_prob, window
 from diffalign.sampling.steps import step as transition_step
-from diffalign.training.loop import Rollout, RunSection, TrainContext, Trainer, check_finite, derive_layout, seeded
+from diffalign.training.evaluation import plot_history
+from diffalign.training.finetuning import Finetuning, RunSection
+from diffalign.training.loop import TrainContext
+from diffalign.training.trainer import Batch, Trainer, check_finite, derive_layout, seeded
 from diffalign.types import Cond
 
 log = logging.getLogger("diffalign.flow_grpo")
@@ -167,35 +173,65 @@ def group_advantages(rewards: Tensor, groups: Tensor, global_std: bool = True, e
     return advantages
 
 
+@dataclass(kw_only=True)
+class GRPOBatch(Batch):
+    """One epoch's on-policy rollouts on this process; every tensor has the local batch ``N`` first.
+
+    Attributes:
+        states: ``(N, T+1, C, H, W)`` trajectory latents; ``log_probs``: ``(N, T)`` sampling log-probs.
+        times: ``(T+1,)``; ``train_steps``: ``(N, S)`` long, the step indices each sample is trained on.
+        prompts: N prompts; ``cond``, ``uncond``: their conditioning and the empty prompt's (None without CFG).
+        sde: the epoch's stochastic step (its window) that the rollouts used.
+        advantages: ``(N,)``; ``rewards``: ``(N,)`` total reward.
+    """
+
+    states: Tensor
+    log_probs: Tensor
+    times: Tensor
+    train_steps: Tensor
+    prompts: list[str]
+    cond: Cond
+    uncond: Cond | None
+    sde: SDE
+    advantages: Tensor
+    rewards: Tensor
+
+
+@dataclass(frozen=True)
+class GRPOMicro:
+    """One micro-batch: samples ``rows`` at column ``column`` of ``train_steps``, within an optimizer step over
+    ``step_rows`` samples."""
+
+    rows: Tensor
+    column: int
+    step_rows: int
+
+
 class FlowGRPOTrainer(Trainer):
     """Flow-GRPO over the shared loop (see the module docstring)."""
 
     def __init__(self, ctx: TrainContext) -> None:
         super().__init__(ctx)
         self.cfg: FlowGRPOConfig = ctx.cfg.flow_grpo
+        self.ft = Finetuning(ctx, self.cfg.updates_per_epoch)
+        self.flow = self.ft.flow
         acc = ctx.accelerator
         total = self.cfg.prompts_per_epoch * self.cfg.group_size
         self.local = derive_layout(total, acc.num_processes, self.cfg.batch_size, "flow_grpo.prompts_per_epoch")
         s = ctx.cfg.sampling
-        self.times = ctx.flow.time_grid(self.cfg.num_steps, s.height, s.width, shift=self.cfg.shift)
-        self.shape = ctx.flow.latent_shape(s.height, s.width)
-        self.reference = None if ctx.uses_lora else copy.deepcopy(ctx.flow.transformer).requires_grad_(False)
-        self.cond: Cond | None = None
-        self.uncond: Cond | None = None
+        self.times = self.flow.time_grid(self.cfg.num_steps, s.height, s.width, shift=self.cfg.shift)
+        self.shape = self.flow.latent_shape(s.height, s.width)
+        # the KL reference: the transformer with its LoRA disabled, or a frozen copy when it is trained whole
+        self.reference = None if self.ft.uses_lora else copy.deepcopy(self.flow.transformer).requires_grad_(False)
+        ctx.prepare()
+        self.flow.use_network(self.ft.policy.network)
+        self.cadence = ctx.cfg.train.cadence(progress=("reward_mean",))
         log.info(
             "flow_grpo layout: %d prompts x %d samples = %d per epoch over %d processes -> %d per process, "
             "%d per forward, %d optimizer steps per epoch",
             self.cfg.prompts_per_epoch, self.cfg.group_size, total, acc.num_processes, self.local,
             self.cfg.batch_size, self.cfg.updates_per_epoch,
         )  # fmt: skip
-
-    @property
-    def train_batch_size(self) -> int:
-        return self.cfg.batch_size
-
-    @property
-    def updates_per_epoch(self) -> int:
-        return self.cfg.updates_per_epoch
 
     def sde(self, epoch: int) -> SDE:
         return SDE(kind=self.cfg.sde, noise_level=self.cfg.noise_level,
@@ -204,7 +240,7 @@ class FlowGRPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------- collect
     def epoch_prompts(self, epoch: int) -> tuple[list[str], Tensor]:
         """All ``P x K`` prompts of the epoch in their shuffled global order, and their group ids."""
-        prompts = self.ctx.prompts
+        prompts = self.ft.prompts
         rng = np.random.default_rng([self.ctx.seed, epoch, 7])
         chosen = rng.choice(len(prompts), size=self.cfg.prompts_per_epoch,
                             replace=self.cfg.prompts_per_epoch > len(prompts))  # fmt: skip
@@ -213,13 +249,13 @@ class FlowGRPOTrainer(Trainer):
         return [prompts[chosen[g]] for g in groups], torch.from_numpy(groups)
 
     @torch.no_grad()
-    def collect(self, epoch: int) -> Rollout:
+    def collect(self, epoch: int) -> GRPOBatch:
         ctx, acc, cfg = self.ctx, self.ctx.accelerator, self.cfg
         all_prompts, all_groups = self.epoch_prompts(epoch)
         start = acc.process_index * self.local
         prompts = all_prompts[start : start + self.local]
         sde = self.sde(epoch)
-        flow = ctx.flow
+        flow = self.flow
         cond = flow.encode_prompt(prompts)
         uncond = flow.empty_cond(len(prompts)) if cfg.guidance_scale != 1 else None
         states, log_probs, rewards, components = [], [], [], {}
@@ -241,7 +277,7 @@ class FlowGRPOTrainer(Trainer):
                     uncond=None if uncond is None else uncond.index(rows),
                 )
             images = flow.decode_latents(traj.final)
-            out = ctx.rewards(images, [prompts[r] for r in rows])
+            out = self.ft.rewards(images, [prompts[r] for r in rows])
             check_finite(out.total, "reward", epoch)
             states.append(traj.states)
             log_probs.append(traj.log_probs)
@@ -262,7 +298,6 @@ class FlowGRPOTrainer(Trainer):
         pick = torch.stack([torch.randperm(len(trainable), generator=g)[:n_train] for _ in range(self.local)])
         train_steps = torch.as_tensor(trainable)[pick]
 
-        self.cond, self.uncond = cond, uncond
         group_std = torch.stack([gathered[all_groups.to(gathered.device) == k].std(unbiased=False)
                                  for k in range(cfg.prompts_per_epoch)])  # fmt: skip
         metrics = {
@@ -273,48 +308,43 @@ class FlowGRPOTrainer(Trainer):
         }
         for name, values in components.items():
             metrics[f"reward/{name}"] = float(acc.gather(torch.cat(values)).nanmean())
-        return Rollout(states=states, log_probs=log_probs, times=self.times, train_steps=train_steps,
-                       prompts=prompts, advantages=advantages, rewards=rewards, metrics=metrics)  # fmt: skip
+        return GRPOBatch(states=states, log_probs=log_probs, times=self.times, train_steps=train_steps,
+                         prompts=prompts, cond=cond, uncond=uncond, sde=sde, advantages=advantages, rewards=rewards,
+                         metrics=metrics)  # fmt: skip
 
-    # ------------------------------------------------------------------------------------------------- loss
-    @contextlib.contextmanager
-    def _reference(self):
-        """Run the flow as the reference model: LoRA disabled, or the frozen copy for full fine-tuning."""
-        flow = self.ctx.flow
-        network = flow.network
-        if self.reference is not None:
-            flow.use_network(self.reference)
-            try:
-                yield
-            finally:
-                flow.use_network(network)
-            return
-        flow.use_network(None)
-        flow.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            flow.transformer.enable_adapters()
-            flow.use_network(network)
+    # ------------------------------------------------------------------------------------------------- update
+    def split(self, batch: GRPOBatch, epoch: int) -> list[list[GRPOMicro]]:
+        """Shuffle this process's samples into ``updates_per_epoch`` optimizer steps; each step's micro-batches
+        are its ``batch_size`` chunks at every trained step column."""
+        n = batch.states.shape[0]
+        order = torch.randperm(n, generator=seeded(self.ctx.seed, epoch, self.ctx.accelerator.process_index, 11))
+        return [
+            [GRPOMicro(rows, j, chunk.numel()) for rows in chunk.split(self.cfg.batch_size)
+             for j in range(batch.train_steps.shape[1])]
+            for chunk in order.chunk(self.cfg.updates_per_epoch)
+        ]  # fmt: skip
 
-    def loss(self, rollout: Rollout, rows: Tensor, step_index: int, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg, flow = self.cfg, self.ctx.flow
-        steps = rollout.train_steps[rows, step_index]
-        x_t = rollout.states[rows, steps]
-        x_next = rollout.states[rows, steps + 1]
-        t, t_next = rollout.times[steps], rollout.times[steps + 1]
-        cond = self.cond.index(rows)
-        uncond = None if self.uncond is None else self.uncond.index(rows)
-        sde = self.sde(epoch)
+    def loss(self, batch: GRPOBatch, micro: GRPOMicro) -> dict[str, Tensor]:
+        """Eq. 8 at the samples ``micro.rows`` (``B`` of them) at their trained step ``micro.column``:
+        ``loss_grpo`` is ``L`` weighted by the micro-batch's share of its optimizer step; ``ratio``,
+        ``clipfrac``, ``approx_kl``, ``kl`` (``(B,)``) and ``policy_loss`` are diagnostics."""
+        cfg, flow, rows = self.cfg, self.flow, micro.rows
+        steps = batch.train_steps[rows, micro.column]
+        x_t = batch.states[rows, steps]
+        x_next = batch.states[rows, steps + 1]
+        t, t_next = batch.times[steps], batch.times[steps + 1]
+        cond = batch.cond.index(rows)
+        uncond = None if batch.uncond is None else batch.uncond.index(rows)
+        sde = batch.sde
         out = transition_log_prob(flow, x_t, x_next, t, t_next, cond, sde=sde, guidance_scale=cfg.guidance_scale,
                                   uncond=uncond)  # fmt: skip
-        old = rollout.log_probs[rows, steps]
+        old = batch.log_probs[rows, steps]
         ratio = torch.exp(out.log_prob - old)
-        adv = rollout.advantages[rows].clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        adv = batch.advantages[rows].clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         unclipped = -adv * ratio
         clipped = -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
         policy = torch.maximum(unclipped, clipped).mean()
-        info = {
+        terms = {
             "ratio": ratio.detach(),
             "clipfrac": ((ratio.detach() - 1).abs() > cfg.clip_range).float(),
             "approx_kl": 0.5 * (out.log_prob.detach() - old) ** 2,
@@ -322,7 +352,8 @@ class FlowGRPOTrainer(Trainer):
         }
         loss = policy
         if cfg.beta > 0:
-            with torch.no_grad(), self._reference():
+            reference = flow.adapter(None) if self.reference is None else flow.using(self.reference)
+            with torch.no_grad(), reference:
                 v_ref = guided_velocity(flow, x_t, t, cond, guidance_scale=cfg.guidance_scale, uncond=uncond)
                 ref = transition_step(sde.kind, x_t, v_ref, t, t_next, noise_level=sde.noise_level, x_next=x_next)
             dims = tuple(range(1, x_t.ndim))
@@ -330,5 +361,22 @@ class FlowGRPOTrainer(Trainer):
             sq = sq.mean(dim=dims) if cfg.reduce == "mean" else sq.sum(dim=dims)
             kl = sq / (2 * out.std**2)
             loss = loss + cfg.beta * kl.mean()
-            info["kl"] = kl.detach()
-        return loss, info
+            terms["kl"] = kl.detach()
+        # this micro-batch's share of the optimizer step's mean over its (sample, trained step) pairs
+        terms["loss_grpo"] = loss * rows.numel() / micro.step_rows / batch.train_steps.shape[1]
+        return terms
+
+    # ------------------------------------------------------------------------------------------------- loop hooks
+    def evaluate(self, epoch: int, tag: str) -> dict[str, Any]:
+        return self.ft.evaluator.run(epoch, tag)
+
+    def finish(self) -> dict[str, Any]:
+        """Plot the run's curves; the summary is the final evaluation (on the main process)."""
+        out = self.ctx.output_dir
+        if not self.ctx.accelerator.is_main_process:
+            return {}
+        plot_history(os.path.join(out, "history.jsonl"), os.path.join(out, "curves.png"))
+        with open(os.path.join(out, "eval_after.json")) as f:
+            summary = json.load(f)
+        log.info("final LoRA/weights: %s", self.ft.final_dir)
+        return summary

@@ -9,21 +9,26 @@ package. Outside ``pipelines/`` code sees only:
 - ``encode_prompt(prompts) -> Cond`` and ``empty_cond(batch)`` (the unconditional prompt for CFG);
 - ``encode_images(images) -> latents`` and ``decode_latents(latents) -> images`` with images ``(B, 3, H, W)``
   float in [0, 1];
-- ``time_grid(num_steps, height, width) -> (T+1,)`` float32 times from 1 down to 0.
+- ``time_grid(num_steps, height, width) -> (T+1,)`` float32 times from 1 down to 0;
+- ``adapter(name)``: a context in which the transformer runs with one peft LoRA adapter active (or, with
+  ``None``, with every adapter disabled: the base model, e.g. a reference or a teacher).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+from huggingface_hub import save_torch_state_dict
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 
@@ -115,6 +120,7 @@ class FlowModel(ABC):
         self.max_sequence_length = max_sequence_length
         self.nfe = 0
         self._network: torch.nn.Module | None = None
+        self._adapter_networks: dict[str, torch.nn.Module] = {}
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()
@@ -151,9 +157,73 @@ class FlowModel(ABC):
         module returned by ``accelerator.prepare``, so gradients are synchronised)."""
         return self.transformer if self._network is None else self._network
 
-    def use_network(self, module: torch.nn.Module | None) -> None:
-        """Route ``velocity`` through ``module`` (a wrapper of this transformer), or back to the bare one (None)."""
+    def use_network(self, module: torch.nn.Module | None, adapter: str | None = None) -> None:
+        """Route ``velocity`` through ``module`` (a wrapper of this transformer), or back to the bare one (None).
+
+        With ``adapter``, ``module`` is instead the wrapper to call while that LoRA adapter is active in an
+        :meth:`adapter` block (e.g. one DDP wrapper per trained adapter, so that each synchronises its own
+        gradients); ``module=None`` forgets it."""
+        if adapter is None:
+            self._network = module
+        elif module is None:
+            self._adapter_networks.pop(adapter, None)
+        else:
+            self._adapter_networks[adapter] = module
+
+    @contextlib.contextmanager
+    def using(self, module: torch.nn.Module | None) -> Iterator[None]:
+        """Route ``velocity`` through ``module`` (None: the bare transformer) inside the block, then back."""
+        previous = self._network
         self._network = module
+        try:
+            yield
+        finally:
+            self._network = previous
+
+    @contextlib.contextmanager
+    def adapter(self, name: str | None) -> Iterator[None]:
+        """Run the flow with one LoRA adapter of the transformer inside the block.
+
+        ``name``: that peft adapter alone is active (through the wrapper given to ``use_network(..., adapter=name)``
+        if any, else the bare transformer). ``None``: every adapter is disabled, so the flow is the base model
+        (the reference of a KL penalty, the teacher of a distillation). The previous adapter state and routing
+        are restored on exit, so blocks nest.
+
+        Which parameters require gradients is left as it was (peft's switches would freeze every adapter but the
+        active one): an adapter's parameters get gradients from the forward passes run in its block, so several
+        adapters can be trained in alternation, each with its own optimizer.
+        """
+        transformer = self.transformer
+        config = getattr(transformer, "peft_config", None)
+        if not config:
+            raise ValueError(f"the {self.family} transformer has no LoRA adapter (add one with add_lora)")
+        if name is not None and name not in config:
+            raise ValueError(f"no LoRA adapter named {name!r} on the transformer; it has {sorted(config)}")
+        layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+        was_enabled, was_active = not layers[0].disable_adapters, transformer.active_adapters()
+        previous = self._network
+        if name is None:
+            self._network = None
+            transformer.disable_adapters()
+        else:
+            self._network = self._adapter_networks.get(name)
+            if was_active != [name]:
+                transformer.set_adapter(name)
+            if not was_enabled:
+                transformer.enable_adapters()
+        _restore_flags(flags)
+        try:
+            yield
+        finally:
+            if transformer.active_adapters() != was_active:
+                transformer.set_adapter(was_active)
+            if was_enabled:
+                transformer.enable_adapters()
+            else:
+                transformer.disable_adapters()
+            _restore_flags(flags)
+            self._network = previous
 
     @property
     def device(self) -> torch.device:
@@ -335,6 +405,15 @@ class FlowModel(ABC):
         )
         respect_umask(os.path.join(directory, LORA_WEIGHT_NAME_SAFE))
 
+    def save_transformer(self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write the transformer as a diffusers model folder (``config.json`` + safetensors shards), loadable by
+        its class's ``from_pretrained``. ``state_dict``: its whole state as full tensors, when the live one is
+        sharded."""
+        directory = os.fspath(directory)
+        self.transformer.save_config(directory)
+        state = self.transformer.state_dict() if state_dict is None else state_dict
+        save_torch_state_dict(state, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+
     def load_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
         """Load a LoRA saved in diffusers' format (by ``save_lora`` or any diffusers trainer) and activate it."""
         path = os.fspath(directory)
@@ -354,6 +433,12 @@ def size_problem(limits: SizeLimits, height: int, width: int) -> str | None:
         return (f"{height}x{width} is larger than it can produce: at most {limits.largest} pixels a side "
                 f"({limits.why_largest}){native}")  # fmt: skip
     return None
+
+
+def _restore_flags(flags: list[tuple[torch.nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        if p.requires_grad != flag:
+            p.requires_grad_(flag)
 
 
 def check_images(images: Tensor) -> None:

@@ -42,16 +42,10 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 
 
-def world_words() -> list[str]:
-    """Every word of the embedded world's prompts (each becomes one token of the world tokenizer)."""
-    from diffalign.world.prompts import test_prompts, train_prompts
-
-    return sorted({w for spec in train_prompts() + test_prompts() for w in spec.text.split()})
-
-
 def world_tokenizer(max_length: int = 16) -> Any:
     """A real ``CLIPTokenizer`` whose merges make every world word one token (unknown text falls back to bytes)."""
-    from diffalign.pipelines.tiny import clip_tokenizer
+    from diffalign.pipelines.tokenizers import clip_tokenizer
+    from diffalign.world.prompts import world_words
 
     return clip_tokenizer(world_words(), max_length=max_length)
 

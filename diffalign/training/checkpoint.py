@@ -2,9 +2,9 @@
 
 Layout of ``run_dir/checkpoints/step-000123/``:
 
-- ``modules/<name>.safetensors``: state dicts of the trained modules (safetensors);
-- ``optimizer.pt``, ``scheduler.pt``: optimizer / LR-scheduler state dicts (tensors and plain Python values,
-  loaded with ``torch.load(weights_only=True)``);
+- ``modules/<name>.safetensors``: state dicts of the trained modules and their EMAs (safetensors);
+- ``optimizers/<name>.pt``, ``schedulers/<name>.pt``: each trained module's optimizer / LR-scheduler state dict
+  (tensors and plain Python values, loaded with ``torch.load(weights_only=True)``);
 - ``rng.safetensors``: torch CPU (and CUDA) generator states and any named ``torch.Generator`` states;
 - ``state.json``: step and any small JSON-able extras.
 
@@ -42,16 +42,16 @@ def save_checkpoint(
     directory: str | os.PathLike,
     step: int,
     modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
-    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
-    scheduler: Any | None = None,
+    optimizers: dict[str, torch.optim.Optimizer | dict[str, Any]] | None = None,
+    schedulers: dict[str, Any] | None = None,
     generators: dict[str, torch.Generator] | None = None,
     extra: dict[str, Any] | None = None,
     keep: int | None = 3,
 ) -> str:
     """Write ``directory/step-{step:06d}`` atomically; keep the ``keep`` newest checkpoints. Returns its path.
 
-    ``optimizer`` is an optimizer or an optimizer state dict already gathered (as the training loop does under
-    FSDP)."""
+    ``optimizers`` maps a name to an optimizer or an optimizer state dict already gathered (as the training
+    loop does under FSDP); ``schedulers`` a name to an LR scheduler."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"step-{step:06d}")
@@ -62,11 +62,12 @@ def save_checkpoint(
         state = module.state_dict() if isinstance(module, torch.nn.Module) else module
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(_untie(state), os.path.join(tmp, "modules", f"{name}.safetensors"))
-    if optimizer is not None:
-        state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-        torch.save(state, os.path.join(tmp, "optimizer.pt"))
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    for folder, objects in (("optimizers", optimizers), ("schedulers", schedulers)):
+        if objects:
+            os.makedirs(os.path.join(tmp, folder))
+        for name, obj in (objects or {}).items():
+            state = obj if isinstance(obj, dict) else obj.state_dict()
+            torch.save(state, os.path.join(tmp, folder, f"{name}.pt"))
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -119,8 +120,8 @@ def latest_checkpoint(directory: str | os.PathLike) -> str | None:
 def load_checkpoint(
     path: str | os.PathLike,
     modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    schedulers: dict[str, Any] | None = None,
     generators: dict[str, torch.Generator] | None = None,
 ) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote into the given objects; returns ``{"step": ..., "extra": ...}``."""
@@ -132,10 +133,9 @@ def load_checkpoint(
         for name, module in modules.items():
             file = os.path.join(path, "modules", f"{name}.safetensors")
             module.load_state_dict(load_file(file, device=str(next(module.parameters()).device)))
-        if optimizer is not None:
-            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-        if scheduler is not None:
-            scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        for folder, objects in (("optimizers", optimizers), ("schedulers", schedulers)):
+            for name, obj in (objects or {}).items():
+                obj.load_state_dict(torch.load(os.path.join(path, folder, f"{name}.pt"), weights_only=True))
         rng = load_file(os.path.join(path, "rng.safetensors"))
     except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, KeyError, EOFError) as e:
         raise CheckpointError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -11,7 +11,8 @@ from diffalign.training.sharding import copy_full_, full_tensor, reshard
 
 
 class EMA:
-    """Shadow copies ``s <- d s + (1 - d) p`` of the trainable parameters of ``module``.
+    """Shadow copies ``s <- d s + (1 - d) p`` of the trainable parameters of ``module`` (or of the parameters
+    named ``parameters``, e.g. one of several LoRA adapters).
 
     The decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (n = number of updates), so
     early shadows are not dominated by the random initialisation. Build it after sharding (FSDP2): the shadows
@@ -19,13 +20,18 @@ class EMA:
     ``load_state_dict`` takes them.
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999, parameters: Sequence[str] | None = None) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.module = module
         self.decay = decay
         self.num_updates = 0
-        self.shadow = {n: p.detach().clone().float() for n, p in module.named_parameters() if p.requires_grad}
+        named = set(parameters) if parameters is not None else None
+        self.shadow = {n: p.detach().clone().float() for n, p in module.named_parameters()
+                       if (p.requires_grad if named is None else n in named)}  # fmt: skip
+        if named is not None and len(self.shadow) != len(named):
+            missing = sorted(named - set(self.shadow))
+            raise KeyError(f"EMA: the module has no parameters {missing[:3]}")
 
     @torch.no_grad()
     def update(self) -> None:

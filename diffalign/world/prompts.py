@@ -435,3 +435,9 @@ def prompts_by_category(prompts: Iterable[str | PromptSpec]) -> dict[str, list[P
 def category_counts(prompts: Sequence[str | PromptSpec]) -> dict[str, int]:
     """Number of prompts per category."""
     return {c: len(v) for c, v in prompts_by_category(prompts).items()}
+
+
+def world_words() -> list[str]:
+    """Every word of the world's prompts (train and test), sorted: the vocabulary of the world's tokenizers, in
+    which each of them is one token."""
+    return sorted({w for spec in train_prompts() + test_prompts() for w in spec.text.split()})

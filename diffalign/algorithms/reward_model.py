@@ -10,10 +10,10 @@ Losses (one step = one mini-batch):
   the examples where that aspect is known, plus (with preference pairs) the Bradley-Terry loss of one aspect
   (``train.pair_aspect``, default ``alignment``) on pairs: pointwise targets alone teach prompt alignment slowly.
 
-AdamW, linear warm-up then cosine decay, gradient clipping, a progress bar; held-out metrics at the end (and every
-``train.eval_every`` steps). The run folder gets ``model/`` (``save_pretrained``), ``metrics.json`` and
-``config.yaml`` (the resolved job). Data come from the embedded world (synthesised, see
-:mod:`diffalign.rewards.data`) or from JSONL files / folders.
+AdamW, linear warm-up then cosine decay, gradient clipping, a progress bar, on the shared training loop (one
+epoch = one step); held-out metrics at the end (and every ``train.eval_every`` steps). The run folder gets
+``model/`` (``save_pretrained``), ``metrics.json``, ``history.jsonl`` and ``config.yaml`` (the resolved job).
+Data come from the embedded world (synthesised, see :mod:`diffalign.rewards.data`) or from JSONL files / folders.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from diffalign.config import ConfigError, save_config
+from diffalign.config import ConfigError, resolve_device
 from diffalign.rewards.artifacts import ARTIFACT_KINDS
 from diffalign.rewards.data import (
     LabeledData,
@@ -53,6 +53,8 @@ from diffalign.rewards.models import (
     world_tokenizer,
 )
 from diffalign.rewards.preprocess import ImageTransform
+from diffalign.training.loop import TrainContext, run_training
+from diffalign.training.trainer import Batch, Cadence, Trainer
 
 log = logging.getLogger("diffalign.train_reward")
 
@@ -438,7 +440,7 @@ def _pearson(a: Tensor, b: Tensor) -> float:
 
 def evaluate_model(job: TrainRewardJob, model: RewardModel, held: PairData | LabeledData,
                    pairs: PairData | None, device: torch.device) -> dict[str, Any]:  # fmt: skip
-    """Held-out metrics of the model (see the module docstring of :mod:`diffalign.rewards.training`)."""
+    """Held-out metrics of the model: pair accuracy, classification accuracy or per-target error."""
     model.eval()
     out: dict[str, Any] = {}
     if isinstance(held, PairData):
@@ -492,67 +494,95 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"config key 'device': {e}") from e
+@dataclass(kw_only=True)
+class RewardBatch(Batch):
+    """One step's examples: ``rows`` ``(B,)`` long, indices into the training data."""
+
+    rows: Tensor
+
+
+class RewardModelTrainer(Trainer):
+    """Reward-model training over the shared loop (see the module docstring): the model is the one registered
+    module; batches and augmentations come from one running generator (``seed + 17``)."""
+
+    name = "train-reward"
+
+    def __init__(self, ctx: TrainContext, job: TrainRewardJob, device: torch.device) -> None:
+        super().__init__(ctx)
+        self.job, self.device = job, device
+        t0 = time.time()
+        self.data, self.held, self.pairs = build_data(job)
+        self.data_seconds = time.time() - t0
+        self.sizes = {name: len(data) for name, (data, _) in self.held.items()}
+        log.info("train-reward: %d training examples, held out %s (%.1f s)", len(self.data), self.sizes,
+                 self.data_seconds)  # fmt: skip
+        self.model = build_model(job).to(device).train()
+        t = job.train
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
+                                      weight_decay=t.weight_decay)  # fmt: skip
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.steps))
+        ctx.register("reward_model", self.model, optimizer, scheduler, grad_clip=t.grad_clip)
+        ctx.prepare()
+        self.generator = torch.Generator().manual_seed(job.seed + 17)
+        ctx.generators["batches"] = self.generator
+        self.cadence = Cadence(epochs=t.steps, eval_every=t.eval_every, log_every=t.log_every,
+                               evaluate_at_end=False, checkpoint_at_end=False, progress_bar=job.progress,
+                               progress=("loss_running",))  # fmt: skip
+        self.history: list[dict[str, Any]] = []
+        self.running = 0.0
+        self.started = time.time()
+
+    def collect(self, epoch: int) -> RewardBatch:
+        rows = torch.randint(len(self.data), (min(self.job.train.batch_size, len(self.data)),),
+                             generator=self.generator)  # fmt: skip
+        return RewardBatch(rows=rows)
+
+    def loss(self, batch: RewardBatch, micro: None) -> dict[str, Tensor]:
+        loss = batch_loss(self.job, self.model, self.data, batch.rows, self.device, self.generator, self.pairs)
+        return {"loss_reward": loss}
+
+    def update(self, batch: RewardBatch, epoch: int) -> dict[str, float]:
+        """The default update, and the smoothed loss ``loss_running`` (an EMA with weight 0.1 per step)."""
+        metrics = super().update(batch, epoch)
+        value = metrics["loss_reward"]
+        self.running = 0.9 * self.running + 0.1 * value if epoch else value
+        metrics["loss_running"] = self.running
+        if (epoch + 1) % self.job.train.log_every == 0:
+            log.info("step %d  loss %.4f  lr %.2e", epoch + 1, self.running, self.ctx.learning_rates()["lr"])
+            self.history.append({"step": epoch + 1, "loss": self.running})
+        return metrics
+
+    def evaluate(self, epoch: int, tag: str) -> dict[str, Any]:
+        self.history.append({"step": epoch, "eval": evaluate_all(self.job, self.model, self.held, self.device)})
+        return {}
+
+    def finish(self) -> dict[str, Any]:
+        """The final held-out evaluation; writes ``model/`` and ``metrics.json``; returns the metrics."""
+        job = self.job
+        train_seconds = time.time() - self.started
+        self.model.eval()
+        held_out = evaluate_all(job, self.model, self.held, self.device)
+        model_dir = os.path.join(job.output_dir, "model")
+        metrics = {"model": job.model, "model_dir": model_dir, "steps": job.train.steps, "final_loss": self.running,
+                   "train_examples": len(self.data), "held_out_examples": self.sizes, "held_out": held_out,
+                   "data_seconds": self.data_seconds, "train_seconds": train_seconds,
+                   "history": self.history}  # fmt: skip
+        if self.ctx.accelerator.is_main_process:
+            self.model.cpu().save_pretrained(model_dir)
+            with open(os.path.join(job.output_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=1)
+            log.info("train-reward: held-out %s; wrote %s", headline(metrics), job.output_dir)
+        return metrics
 
 
 def train_reward(job: TrainRewardJob) -> dict[str, Any]:
     """Run a :class:`TrainRewardJob`; returns the metrics (also written to ``output_dir/metrics.json``)."""
     if job.num_threads:
         torch.set_num_threads(job.num_threads)
-    device = _device(job.device)
-    os.makedirs(job.output_dir, exist_ok=True)
-    save_config(job, os.path.join(job.output_dir, "config.yaml"))
-    t0 = time.time()
-    train, held, train_pairs = build_data(job)
-    data_seconds = time.time() - t0
-    sizes = {name: len(data) for name, (data, _) in held.items()}
-    log.info("train-reward: %d training examples, held out %s (%.1f s)", len(train), sizes, data_seconds)
-    model = build_model(job).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(job.train.warmup_steps, job.train.steps))
-    gen = torch.Generator().manual_seed(job.seed + 17)
-    history: list[dict[str, Any]] = []
-    t1 = time.time()
-    bar = tqdm(range(job.train.steps), desc=f"train-reward ({job.model})", disable=not job.progress)
-    running = 0.0
-    for step in bar:
-        rows = torch.randint(len(train), (min(job.train.batch_size, len(train)),), generator=gen)
-        loss = batch_loss(job, model, train, rows, device, gen, train_pairs)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"train-reward: non-finite loss {float(loss.detach())} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if job.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, job.train.grad_clip)
-        opt.step()
-        sched.step()
-        value = float(loss.detach())
-        running = 0.9 * running + 0.1 * value if step else value
-        bar.set_postfix(loss=f"{running:.4f}")
-        if (step + 1) % job.train.log_every == 0:
-            log.info("step %d  loss %.4f  lr %.2e", step + 1, running, sched.get_last_lr()[0])
-            history.append({"step": step + 1, "loss": running})
-        if job.train.eval_every and (step + 1) % job.train.eval_every == 0 and step + 1 < job.train.steps:
-            history.append({"step": step + 1, "eval": evaluate_all(job, model, held, device)})
-    train_seconds = time.time() - t1
-    model.eval()
-    held_out = evaluate_all(job, model, held, device)
-    model_dir = os.path.join(job.output_dir, "model")
-    model.cpu().save_pretrained(model_dir)
-    metrics = {"model": job.model, "model_dir": model_dir, "steps": job.train.steps, "final_loss": running,
-               "train_examples": len(train), "held_out_examples": sizes, "held_out": held_out,
-               "data_seconds": data_seconds, "train_seconds": train_seconds, "history": history}  # fmt: skip
-    with open(os.path.join(job.output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    log.info("train-reward: held-out %s; wrote %s", headline(metrics), job.output_dir)
-    return metrics
+    device = resolve_device(job.device, "device")
+    # the model is placed on `device` itself (which may be a given GPU), not on the accelerator's default
+    accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False)
+    return run_training(job, lambda ctx: RewardModelTrainer(ctx, job, device), accelerator)
 
 
 def headline(metrics: dict[str, Any]) -> str:

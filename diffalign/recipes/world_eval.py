@@ -12,7 +12,7 @@ from typing import Literal
 from diffalign.config import ConfigError, ModelConfig, SamplingConfig, resolve_device, save_config
 from diffalign.images import save_grid
 from diffalign.pipelines import load_flow_model
-from diffalign.world.benchmark import evaluate_world, format_summary
+from diffalign.recipes.world_benchmark import evaluate_world, format_summary
 from diffalign.world.prompts import split_prompts
 
 log = logging.getLogger("diffalign.eval")

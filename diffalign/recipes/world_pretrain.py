@@ -6,13 +6,13 @@ Two stages, one command (``diffalign pretrain CONFIG``):
    scenes with ``MSE(recon, x) + kl_weight * KL``; then ``shift_factor`` / ``scaling_factor`` are set from the
    latent mean and std, as SD3's VAE config carries them. Written to ``output_dir/vae`` when done (a finished
    codec is reused on restart; the stage is short and not checkpointed mid-way).
-2. **Flow.** Rectified-flow matching (Lipman et al. 2023; Esser et al. 2024, SD3) of the transformer with the
-   codec and the text encoders frozen: ``x_t = (1 - t) x0 + t eps`` with ``t = sigmoid(N(0, 1))`` (SD3's
-   logit-normal), loss ``|| v_theta(x_t, t, c) - (eps - x0) ||^2``, the prompt dropped to "" with probability
-   ``cfg_dropout`` (for classifier-free guidance). The text encoders are real CLIP and T5 encoders at random
-   initialisation (a world tokenizer makes each world word one token); their outputs are an injective code of
-   the prompt that the transformer learns to read, and since the world has a finite prompt set they are
-   computed once. AdamW, warm-up + cosine LR, gradient clipping, EMA, accelerate (mixed precision, several
+2. **Flow.** Rectified-flow matching of the transformer with the codec and the text encoders frozen, on the
+   shared training loop (:mod:`diffalign.algorithms.flow_matching`: logit-normal times, the prompt dropped to
+   "" with probability ``cfg_dropout`` for classifier-free guidance). The text encoders are real CLIP and T5
+   encoders at random initialisation (a world tokenizer makes each world word one token); their outputs are an
+   injective code of the prompt that the transformer learns to read, and since the world has a finite prompt
+   set they are computed once. ``dataset_size`` rendered scenes are encoded once; each step draws its batch
+   from them. AdamW, warm-up + cosine LR, gradient clipping, EMA, accelerate (mixed precision, several
    processes: each rank draws its own data), atomic checkpoints every ``checkpoint_every`` steps with exact
    resume (every batch and noise draw is a function of (seed, rank, step)), tensorboard logs, a progress bar,
    and a sample grid judged by the world evaluator every ``sample_every`` steps.
@@ -23,13 +23,13 @@ The result, ``output_dir/pipeline``, is a plain diffusers folder: ``StableDiffus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,15 +49,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from diffalign.algorithms.flow_matching import FlowMatchingConfig, FlowMatchingTrainer, LatentDataset, PromptCache
 from diffalign.config import ConfigError, SamplingConfig, save_config
 from diffalign.images import save_grid
 from diffalign.pipelines import FlowModel, wrap_pipeline
-from diffalign.pipelines.tiny import clip_tokenizer, t5_tokenizer
-from diffalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffalign.training.ema import EMA
-from diffalign.types import Cond
-from diffalign.world.benchmark import evaluate_world, format_summary
-from diffalign.world.prompts import test_prompts, train_prompts
+from diffalign.pipelines.tokenizers import clip_tokenizer, t5_tokenizer
+from diffalign.recipes.world_benchmark import evaluate_world, format_summary
+from diffalign.training.loop import TrainContext, run_training
+from diffalign.training.trainer import Cadence, check_finite
+from diffalign.world.prompts import test_prompts, train_prompts, world_words
 from diffalign.world.render import dataset_examples
 
 log = logging.getLogger("diffalign.pretrain")
@@ -165,11 +165,6 @@ class PretrainJob:
 
 
 # ----------------------------------------------------------------------------------------------------- building
-def world_words() -> list[str]:
-    """Every word of the world's prompts (train and test), for the tokenizers."""
-    return sorted({w for spec in train_prompts() + test_prompts() for w in spec.text.split()})
-
-
 def build_vae(arch: ArchConfig) -> AutoencoderKL:
     n = len(arch.vae_blocks)
     return AutoencoderKL(
@@ -315,12 +310,6 @@ def _fit_codec(job: PretrainJob, device: torch.device, path: str) -> None:
     log.info("codec: final loss %.5f, latent mean %.3f std %.3f -> %s", loss.item(), mean, std, path)
 
 
-def check_finite(value: Tensor, name: str, step: int) -> None:
-    """Raise a clear error (instead of training on it) when a loss is NaN or infinite."""
-    if not torch.isfinite(value).all():
-        raise FloatingPointError(f"{name} is not finite at step {step} ({value.detach().cpu().tolist()})")
-
-
 # ----------------------------------------------------------------------------------------------------- stage 2
 @torch.no_grad()
 def latent_dataset(flow: FlowModel, job: PretrainJob, chunk: int = 256) -> tuple[list[str], Tensor]:
@@ -334,15 +323,61 @@ def latent_dataset(flow: FlowModel, job: PretrainJob, chunk: int = 256) -> tuple
     return texts, torch.cat(latents)
 
 
-def prompt_table(flow: FlowModel, prompts: list[str], chunk: int = 64) -> dict[str, Cond]:
-    """Encode each prompt once (frozen text encoders): prompt -> its one-row ``Cond``."""
-    table = {}
-    for start in range(0, len(prompts), chunk):
-        batch = prompts[start : start + chunk]
-        cond = flow.encode_prompt(batch)
-        for i, p in enumerate(batch):
-            table[p] = cond.index([i])
-    return table
+class WorldFlowTrainer(FlowMatchingTrainer):
+    """Stage 2 on the shared loop: flow matching of the whole transformer of a fresh world pipeline (``pipe``,
+    around the trained codec) on the encoded dataset; a judged sample grid every ``sample_every`` steps; the
+    EMA weights exported as the pipeline folder ``output_dir/pipeline`` and evaluated on the held-out prompts."""
+
+    name = "pretrain"
+
+    def __init__(self, ctx: TrainContext, job: PretrainJob, pipe: DiffusionPipeline) -> None:
+        self.job = job
+        cfg = job.train
+        flow = wrap_pipeline(pipe, max_sequence_length=job.arch.t5_max_length)
+        transformer = flow.transformer.train().requires_grad_(True)
+        optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+        ctx.register("transformer", transformer, optimizer, scheduler, grad_clip=cfg.grad_clip,
+                     ema_decay=cfg.ema_decay, export=self._export, export_dir="pipeline")  # fmt: skip
+        self.module = ctx.modules["transformer"]
+        ctx.prepare()
+        flow.use_network(self.module.network)
+        cache = PromptCache(flow, [""] + [p.text for p in train_prompts()])
+        source = LatentDataset(*latent_dataset(flow, job))
+        settings = FlowMatchingConfig(batch_size=cfg.batch_size, cfg_dropout=cfg.cfg_dropout)
+        super().__init__(ctx, flow, source, settings, encode=cache)
+        self.cadence = Cadence(epochs=cfg.steps, eval_every=cfg.sample_every, log_every=cfg.log_every,
+                               checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                               progress=("loss_fm",))  # fmt: skip
+
+    def _export(self, directory: str, state: dict[str, Tensor]) -> None:
+        """The whole pipeline from its live modules (world pretraining runs unsharded: ``state`` equals them)."""
+        self.flow.pipe.save_pretrained(directory, safe_serialization=True)
+
+    def evaluate(self, epoch: int, tag: str) -> dict[str, Any]:
+        """A grid of 16 held-out prompts with the EMA weights, judged by the world evaluator (main process)."""
+        if not self.ctx.accelerator.is_main_process:
+            return {}
+        ema = self.module.ema
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            path = os.path.join(self.job.output_dir, "samples", f"step-{epoch:06d}.png")
+            return {"sample_accuracy": _sample_grid(self.job, self.flow, path)}
+
+    def finish(self) -> dict[str, Any]:
+        """The held-out evaluation of the exported pipeline (``eval.json``, on the main process)."""
+        self.flow.use_network(None)
+        self.flow.transformer.eval().requires_grad_(False)
+        final = os.path.join(self.job.output_dir, "pipeline")
+        summary: dict[str, Any] = {"pipeline": final}
+        if self.ctx.accelerator.is_main_process:
+            job = self.job
+            evaluation = evaluate_world(self.flow, test_prompts(), job.sampling,
+                                        images_per_prompt=job.eval_images_per_prompt, seed=job.seed)  # fmt: skip
+            with open(os.path.join(job.output_dir, "eval.json"), "w") as f:
+                json.dump(evaluation.summary, f, indent=1)
+            log.info("held-out evaluation of %s:\n%s", final, format_summary(evaluation.summary))
+            summary["eval"] = evaluation.summary
+        return summary
 
 
 def pretrain(job: PretrainJob, accelerator: Accelerator | None = None) -> str:
@@ -354,97 +389,16 @@ def pretrain(job: PretrainJob, accelerator: Accelerator | None = None) -> str:
     if accelerator.is_main_process:
         save_config(job, os.path.join(job.output_dir, "config.yaml"))
     vae = train_codec(job, accelerator)
-    pipe = build_pipeline(job.family, job.arch, vae, job.seed).to(accelerator.device)
-    flow = wrap_pipeline(pipe, max_sequence_length=job.arch.t5_max_length)
-    transformer = flow.transformer.train().requires_grad_(True)
-    cfg = job.train
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    ema = EMA(transformer, cfg.ema_decay)
-    net, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    flow.use_network(net)
-    table = prompt_table(flow, [""] + [p.text for p in train_prompts()])
-    data_texts, data_latents = latent_dataset(flow, job)
 
-    ckpt_dir = os.path.join(job.output_dir, "checkpoints")
-    start = 0
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        state = load_checkpoint(latest, {"transformer": transformer}, optimizer, scheduler)
-        ema.load_state_dict(_load_module_state(latest, "ema"))
-        start = state["step"]
-        log.info("resumed from %s (step %d)", latest, start)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("pretrain")
+    def trainer(ctx: TrainContext) -> WorldFlowTrainer:
+        pipe = build_pipeline(job.family, job.arch, vae, job.seed).to(accelerator.device)
+        return WorldFlowTrainer(ctx, job, pipe)
 
-    rank = accelerator.process_index
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="flow",
-               disable=not accelerator.is_main_process)  # fmt: skip
-    started = time.time()
-    for step in bar:
-        rng = _step_rng(job.seed, rank, step, 2)
-        rows = rng.integers(len(data_texts), size=cfg.batch_size)
-        drop = rng.random(cfg.batch_size) < cfg.cfg_dropout
-        cond = Cond.cat([table["" if d else data_texts[r]] for r, d in zip(rows, drop, strict=True)])
-        cond = cond.to(accelerator.device)
-        x0 = data_latents[torch.from_numpy(rows)].to(accelerator.device)
-        gen = _step_generator(job.seed, rank, step, 3)
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(x0.device)
-        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-        with accelerator.autocast():
-            v = flow.velocity(x_t, t, cond)
-        loss = F.mse_loss(v, noise - x0)
-        check_finite(loss, "flow-matching loss", step)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        ema.update()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            loss_avg = accelerator.reduce(loss.detach(), reduction="mean").item()
-            accelerator.log({"loss": loss_avg, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                             "steps_per_s": (done - start) / (time.time() - started)}, step=done)  # fmt: skip
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_dir, done, {"transformer": transformer, "ema": ema.state_dict()}, optimizer,
-                                scheduler, keep=cfg.keep_checkpoints)  # fmt: skip
-        if (done % cfg.sample_every == 0 or done == cfg.steps) and accelerator.is_main_process:
-            with ema.swapped_in():
-                transformer.eval()
-                grid_path = os.path.join(job.output_dir, "samples", f"step-{done:06d}.png")
-                _sample_grid(job, flow, grid_path, accelerator, done)
-                transformer.train()
-
-    flow.use_network(None)
-    transformer.eval().requires_grad_(False)
-    ema.copy_to()
-    final = os.path.join(job.output_dir, "pipeline")
-    if accelerator.is_main_process:
-        tmp = f"{final}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        _replace_dir(tmp, final)
-        evaluation = evaluate_world(flow, test_prompts(), job.sampling, images_per_prompt=job.eval_images_per_prompt,
-                                    seed=job.seed)  # fmt: skip
-        with open(os.path.join(job.output_dir, "eval.json"), "w") as f:
-            json.dump(evaluation.summary, f, indent=1)
-        log.info("held-out evaluation of %s:\n%s", final, format_summary(evaluation.summary))
-    accelerator.end_training()
-    return final
+    return run_training(job, trainer, accelerator)["pipeline"]
 
 
-def _load_module_state(checkpoint: str, name: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(checkpoint, "modules", f"{name}.safetensors"))
-
-
-def _sample_grid(job: PretrainJob, flow: FlowModel, path: str, accelerator: Accelerator, step: int) -> None:
+def _sample_grid(job: PretrainJob, flow: FlowModel, path: str) -> float:
+    """Write a judged grid of 16 held-out prompts to ``path``; returns its image accuracy."""
     prompts = test_prompts()
     picked = [prompts[i] for i in np.linspace(0, len(prompts) - 1, 16).round().astype(int)]
     evaluation = evaluate_world(flow, picked, job.sampling, images_per_prompt=1, seed=job.seed, progress=False)
@@ -453,5 +407,6 @@ def _sample_grid(job: PretrainJob, flow: FlowModel, path: str, accelerator: Acce
              zip(evaluation.prompts, evaluation.verdicts, strict=True)]  # fmt: skip
     colors = [(0, 120, 0) if v.correct else (180, 0, 0) for v in evaluation.verdicts]
     save_grid(evaluation.images, path, captions=marks, ncols=4, caption_colors=colors)
-    accelerator.log({"sample_accuracy": evaluation.summary["image_accuracy"]}, step=step)
-    log.info("samples -> %s (accuracy %.2f on %d prompts)", path, evaluation.summary["image_accuracy"], len(picked))
+    accuracy = evaluation.summary["image_accuracy"]
+    log.info("samples -> %s (accuracy %.2f on %d prompts)", path, accuracy, len(picked))
+    return accuracy
