@@ -337,6 +337,24 @@ def test_sampled_scenes_satisfy_spec():
         assert v.correct, (spec.text, v.details["checks"])
 
 
+def test_grid_layout_scenes_satisfy_spec_and_only_their_relation():
+    from diffalign.world.render import GRID_CELLS
+
+    rng = np.random.default_rng(4)
+    cell = 64 / GRID_CELLS
+    for spec in _balanced_specs(rng, 120):
+        scene = sample_scene(spec, rng, layout="grid")
+        cells = {(int(o.x // cell), int(o.y // cell)) for o in scene.objects}
+        assert len(cells) == len(scene.objects) == sum(r.count for r in spec.objects)
+        assert len({o.radius for o in scene.objects}) == 1
+        if spec.relation is not None:
+            assert scene.relations(0, 1) == {spec.relation.relation}
+        v = world.evaluate(render_scene(scene), spec)
+        assert v.correct and v.graded == 1.0, (spec.text, v.details["checks"])
+    with pytest.raises(ValueError, match="layout"):
+        sample_scene(ALL_SPECS[0], rng, layout="spiral")
+
+
 def test_dataset_examples_and_image_helpers():
     texts, images = world.dataset_examples(24, np.random.default_rng(0), split="test", size=48)
     assert len(texts) == 24 and images.shape == (24, 3, 48, 48) and images.dtype == np.float32

@@ -110,9 +110,11 @@ class FlowTrainConfig:
     """Stage 2 (flow matching) optimisation and bookkeeping.
 
     ``dataset_size`` scenes are rendered and encoded once (posterior mode); each step draws its batch from them.
+    ``layout`` is how they are laid out (``free`` or ``grid``, see :func:`~diffalign.world.render.sample_scene`).
     """
 
     dataset_size: int = 20000
+    layout: Literal["free", "grid"] = "free"
     steps: int = 6000
     batch_size: int = 32
     lr: float = 5e-4
@@ -315,7 +317,7 @@ def _fit_codec(job: PretrainJob, device: torch.device, path: str) -> None:
 def latent_dataset(flow: FlowModel, job: PretrainJob, chunk: int = 256) -> tuple[list[str], Tensor]:
     """``dataset_size`` training scenes (the same on every process) as prompts and latents ``(N, C, H', W')``."""
     texts, images = dataset_examples(job.train.dataset_size, np.random.default_rng([job.seed, 7]), split="train",
-                                     size=job.arch.image_size)  # fmt: skip
+                                     size=job.arch.image_size, layout=job.train.layout)  # fmt: skip
     latents = [
         flow.encode_images(torch.from_numpy(images[i : i + chunk]).to(flow.device)).cpu()
         for i in tqdm(range(0, len(texts), chunk), desc="encoding dataset", leave=False)

@@ -46,6 +46,15 @@ SAMPLER_RELATION_COMPONENT = 0.87
 _CANDIDATES = 64
 _MAX_ATTEMPTS = 400
 
+#: Grid layout: objects sit in the cells of a GRID_CELLS x GRID_CELLS grid, all of radius GRID_RADIUS (pixels at
+#: 64 px), their centres jittered by up to GRID_JITTER pixels.
+GRID_CELLS = 3
+GRID_RADIUS = 8.0
+GRID_JITTER = 1.0
+#: Grid layout: a relation holds along a row or column with this normalised offset component (only that relation).
+GRID_RELATION_COMPONENT = 0.8
+LAYOUTS: tuple[str, ...] = ("free", "grid")
+
 
 # -------------------------------------------------------------------------------------------------- rendering
 def render(scene: Scene, size: int | None = None, *, supersample: int = 8) -> np.ndarray:
@@ -132,6 +141,7 @@ def sample_scene(
     *,
     distractors: int = 0,
     radius_range: tuple[float, float] | None = None,
+    layout: str = "free",
 ) -> Scene:
     """Draw a random scene that satisfies a prompt.
 
@@ -149,6 +159,10 @@ def sample_scene(
         distractors: number of extra objects.
         radius_range: ``(min, max)`` radius in pixels; default ``RADIUS_RANGE`` scaled by ``size / 64`` (the
             minimum at least ``MIN_RADIUS_PX``).
+        layout: ``"free"`` (positions and radii as above) or ``"grid"``: every object of radius ``GRID_RADIUS``
+            in its own cell of a ``GRID_CELLS x GRID_CELLS`` grid (jittered by ``GRID_JITTER``), a relation along a
+            row or column (``radius_range`` does not apply). A lower-entropy scene distribution that a small model
+            learns to draw faster; the evaluator judges both alike.
 
     Returns:
         The scene (``scene.size == size``).
@@ -178,6 +192,10 @@ def sample_scene(
         for _ in range(distractors):
             items.append((free[int(rng.integers(len(free)))], COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]))
     relation = spec.relation.relation if spec.relation is not None else None
+    if layout == "grid":
+        return _grid_scene(items, relation, rng, size)
+    if layout != "free":
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     gap, pad = OBJECT_GAP * scale, EDGE_PAD * scale
     n = len(items)
     for attempt in range(_MAX_ATTEMPTS):
@@ -192,6 +210,29 @@ def sample_scene(
             )
             return Scene(objs, size=size)
     raise RuntimeError(f"could not place {n} objects of radius >= {rmin:.1f} on a {size}px canvas")
+
+
+def _grid_scene(items: list[tuple[str, str]], relation: str | None, rng: np.random.Generator, size: int) -> Scene:
+    """``items`` (shape, colour) in distinct random cells of the grid layout (see ``sample_scene``)."""
+    if len(items) > GRID_CELLS**2:
+        raise ValueError(f"{len(items)} objects do not fit the {GRID_CELLS}x{GRID_CELLS} grid")
+    scale = size / DEFAULT_SIZE
+    r, cell = GRID_RADIUS * scale, size / GRID_CELLS
+    for _ in range(_MAX_ATTEMPTS):
+        cells = rng.permutation(GRID_CELLS**2)[: len(items)]
+        centres = [((c % GRID_CELLS + 0.5) * cell, (c // GRID_CELLS + 0.5) * cell) for c in cells]
+        centres = [(x + rng.uniform(-1, 1) * GRID_JITTER * scale, y + rng.uniform(-1, 1) * GRID_JITTER * scale)
+                   for x, y in centres]  # fmt: skip
+        if relation is not None:
+            (x0, y0), (x1, y1) = centres[0], centres[1]
+            found = relations_between((x0 - r, y0 - r, x0 + r, y0 + r), (x1 - r, y1 - r, x1 + r, y1 + r),
+                                      GRID_RELATION_COMPONENT)  # fmt: skip
+            if found != {relation}:
+                continue
+        objs = tuple(SceneObject(shape, color, float(x), float(y), r)
+                     for (shape, color), (x, y) in zip(items, centres, strict=True))  # fmt: skip
+        return Scene(objs, size=size)
+    raise RuntimeError(f"could not lay out {len(items)} objects with relation {relation!r} on the grid")
 
 
 # ---------------------------------------------------------------------------------------------- data stream
@@ -223,18 +264,20 @@ def iter_examples(
     prompts: Sequence[str | PromptSpec] | None = None,
     category_weights: Mapping[str, float] | None = None,
     distractors: int = 0,
+    layout: str = "free",
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Endless stream of ``(prompt_text, image)`` pairs, image float32 ``(3, size, size)`` in [0, 1].
 
     A category is drawn first (uniformly, or by ``category_weights``), then a prompt of that category
-    uniformly from the split (or from ``prompts`` if given), then a random scene for it.
+    uniformly from the split (or from ``prompts`` if given), then a random scene for it (``layout``: see
+    :func:`sample_scene`).
     """
     groups, probs = _category_sampler(split, prompts, category_weights)
     size = check_size(size)
     while True:
         group = groups[int(rng.choice(len(groups), p=probs))]
         spec = group[int(rng.integers(len(group)))]
-        yield spec.text, render(sample_scene(spec, rng, size, distractors=distractors))
+        yield spec.text, render(sample_scene(spec, rng, size, distractors=distractors, layout=layout))
 
 
 def dataset_examples(
