@@ -35,7 +35,7 @@ def _job(root, out, family="sd3", **overrides):
         "model": {"family": family, "path": str(root / family), "max_sequence_length": 16},
         "lora": {"rank": 4, "alpha": 8},
         "prompts": str(root / "prompts.txt"),
-        "eval_prompts": str(root / "prompts.txt"),
+        "eval_sets": {"eval": {"prompts": str(root / "prompts.txt")}},
         "rewards": [{"name": "reward_fixtures:Redness"}],
         "train": {"epochs": 2, "lr": 1e-2, "ema_decay": 0.5, "ema_every": 1, "eval_every": 10,
                   "checkpoint_every": 1, "eval_images_per_prompt": 2, "keep_checkpoints": 5},
@@ -104,22 +104,25 @@ def test_a_prompt_file_of_world_prompts_is_judged_by_the_world_evaluator(tiny_mo
     prompts = tmp_path / "world.txt"
     prompts.write_text("a photo of a red circle\na photo of two squares\n")
     out = tmp_path / "run"
-    job = _job(tiny_models, out, prompts=str(prompts), eval_prompts=str(prompts),
+    job = _job(tiny_models, out, prompts=str(prompts), eval_sets={"world": {"prompts": str(prompts)}},
                **{"train.epochs": 1, "train.eval_images_per_prompt": 1})  # fmt: skip
     run_training(job, FlowGRPOTrainer)
     after = json.loads((out / "eval_after.json").read_text())
-    assert {"world/overall", "world/colors", "world/counting"} <= after.keys()
-    assert "diversity" not in after  # undefined with one image per prompt (was written as NaN)
+    assert {"world/world/overall", "world/world/colors", "world/world/counting"} <= after.keys()
+    lo, hi = after["world/world/image_accuracy_ci_lo"], after["world/world/image_accuracy_ci_hi"]
+    assert 0.0 <= lo <= after["world/world/image_accuracy"] <= hi <= 1.0
+    assert "world/diversity" not in after  # undefined with one image per prompt (was written as NaN)
 
 
 def test_training_run_writes_outputs_and_resumes_identically(tiny_models, tmp_path):
     out = tmp_path / "run"
     run_training(_job(tiny_models, out), FlowGRPOTrainer)
     for name in ("config.yaml", "history.jsonl", "curves.png", "eval_before.json", "eval_after.json",
-                 "grids/before.png", "grids/after.png", "final/pytorch_lora_weights.safetensors"):  # fmt: skip
+                 "eval_epoch-00002.json", "grids/before_eval.png", "grids/after_eval.png",
+                 "grids/epoch-00002_eval.png", "final/pytorch_lora_weights.safetensors"):  # fmt: skip
         assert (out / name).exists(), name
     after = json.loads((out / "eval_after.json").read_text())
-    assert "diversity" in after and not any(k.startswith("world/") for k in after)  # not world prompts
+    assert "eval/diversity" in after and not any("/world/" in k for k in after)  # not world prompts
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000002")
@@ -128,6 +131,39 @@ def test_training_run_writes_outputs_and_resumes_identically(tiny_models, tmp_pa
     a = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "final" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_config_and_falls_back_past_a_corrupt_checkpoint(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    run_training(_job(tiny_models, out), FlowGRPOTrainer)
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.01 -> 0\.02"):
+        run_training(_job(tiny_models, out, **{"train.lr": 0.02, "train.epochs": 3}), FlowGRPOTrainer)
+    assert (out / "config.yaml").read_text() == saved  # the record of the run is left as it was
+    # a longer run on the same config resumes; a corrupt newest checkpoint is skipped for the one before it
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference)
+    run_training(_job(tiny_models, reference, **{"train.epochs": 3}), FlowGRPOTrainer)
+    (out / "checkpoints" / "step-000002" / "modules" / "policy.safetensors").write_bytes(b"not a tensor file")
+    run_training(_job(tiny_models, out, **{"train.epochs": 3}), FlowGRPOTrainer)
+    a = load_file(str(reference / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert epochs == sorted(set(epochs))  # no epoch recorded twice
+    assert (out / "eval_epoch-00002.json").exists() and (out / "eval_epoch-00003.json").exists()
+
+
+def test_mixed_precision_comes_from_the_launcher_unless_the_config_sets_it(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)
+    try:
+        assert TrainContext(_job(tiny_models, tmp_path / "a")).accelerator.mixed_precision == "bf16"
+        AcceleratorState._reset_state(True)
+        job = _job(tiny_models, tmp_path / "b", **{"train.mixed_precision": "no"})
+        assert TrainContext(job).accelerator.mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(True)
 
 
 #: A 3-epoch run of ``_job`` on this machine type (2-core x86 CPU, torch 2.14) before Flow-GRPO moved onto the
@@ -222,9 +258,14 @@ def test_bad_configs(tiny_models, tmp_path):
         FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / "a", prompts=str(empty))))
     with pytest.raises(ConfigError, match="flow_grpo.group_size"):
         _job(tiny_models, tmp_path / "b", **{"flow_grpo.group_size": 1})
-    job = _job(tiny_models, tmp_path / "c", **{"flow_grpo.batch_size": 3})
-    with pytest.raises(ConfigError, match="flow_grpo.prompts_per_epoch"):
-        FlowGRPOTrainer(TrainContext(job))
+    with pytest.raises(ConfigError, match="flow_grpo.group_size.*multiple of batch_size 3"):  # before any load
+        _job(tiny_models, tmp_path / "c", **{"flow_grpo.batch_size": 3})
+    with pytest.raises(ConfigError, match="lora.rank"):
+        _job(tiny_models, tmp_path / "c", **{"lora.rank": -1})
+    with pytest.raises(ConfigError, match="eval_sets.test.prompts.*valid"):
+        _job(tiny_models, tmp_path / "c", eval_sets={"test": {"prompts": "world:valid"}})
+    with pytest.raises(ConfigError, match="'prompts'.*valid"):
+        _job(tiny_models, tmp_path / "c", prompts="world:valid")
     with pytest.raises(ConfigError, match="flow_grpo.window_range"):
         _job(tiny_models, tmp_path / "d", **{"flow_grpo.window": "random", "flow_grpo.window_range": [3, 4]})
     with pytest.raises(ConfigError, match="unknown reward|rewards"):

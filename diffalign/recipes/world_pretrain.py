@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from diffalign.algorithms.flow_matching import FlowMatchingConfig, FlowMatchingTrainer, LatentDataset, PromptCache
-from diffalign.config import ConfigError, SamplingConfig, save_config
+from diffalign.config import ConfigError, SamplingConfig
 from diffalign.images import save_grid
 from diffalign.pipelines import FlowModel, wrap_pipeline
 from diffalign.pipelines.tokenizers import clip_tokenizer, t5_tokenizer
@@ -123,7 +123,7 @@ class FlowTrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     checkpoint_every: int = 500
     sample_every: int = 1000
     log_every: int = 50
@@ -384,13 +384,11 @@ class WorldFlowTrainer(FlowMatchingTrainer):
 
 def pretrain(job: PretrainJob, accelerator: Accelerator | None = None) -> str:
     """Run both stages; returns the path of the final pipeline folder."""
-    accelerator = accelerator or Accelerator(
-        mixed_precision=job.train.mixed_precision, log_with="tensorboard", project_dir=job.output_dir
-    )
+    if accelerator is None:
+        precision = {} if job.train.mixed_precision is None else {"mixed_precision": job.train.mixed_precision}
+        accelerator = Accelerator(log_with="tensorboard", project_dir=job.output_dir, **precision)
     os.makedirs(job.output_dir, exist_ok=True)
-    if accelerator.is_main_process:
-        save_config(job, os.path.join(job.output_dir, "config.yaml"))
-    vae = train_codec(job, accelerator)
+    vae = train_codec(job, accelerator)  # the loop writes config.yaml once it knows the run can resume
 
     def trainer(ctx: TrainContext) -> WorldFlowTrainer:
         pipe = build_pipeline(job.family, job.arch, vae, job.seed).to(accelerator.device)

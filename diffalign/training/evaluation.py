@@ -1,11 +1,14 @@
 """Periodic evaluation for the training loop, and the run's curve plot.
 
-Evaluation samples the held-out prompts with the EMA weights (ODE, ``cfg.sampling``), and reports: the mean of
-every optimised reward component, every monitor (rewards logged but never optimised: the reward-hacking watch),
-the within-prompt diversity (mean pairwise RMS distance between the images of one prompt, in [0, 1] pixel
-units: a collapse toward one image per prompt drives it to 0; reported with two or more images per prompt), and
-for world prompts (a ``world:`` split, or a prompt file in the world's grammar) the evaluator's per-category
-accuracy. It writes ``grids/<tag>.png`` and ``eval_<tag>.json``.
+A run evaluates one or more named prompt sets (``eval_sets``: e.g. its training prompts and the world's two
+held-out splits). Each set is sampled with the EMA weights (ODE, ``cfg.sampling``) and reported under its name:
+the mean of every optimised reward component, every monitor (rewards logged but never optimised: the
+reward-hacking watch), the within-prompt diversity (mean pairwise RMS distance between the images of one prompt, in
+[0, 1] pixel units: a collapse toward one image per prompt drives it to 0; reported with two or more images per
+prompt), and for world prompts (a ``world:`` split, or a prompt file in the world's grammar) the evaluator's
+strict accuracy overall (the mean over categories) and per category, image-level accuracy, the graded and partial
+credit, with 95% intervals (``diffalign.world.evaluator.summarize``). It writes ``grids/<tag>_<set>.png`` (world
+images marked OK/NO in green/red), ``eval_<tag>.json`` with every set's numbers, and the grids to the trackers.
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from diffalign.images import save_grid
+from diffalign.images import make_grid, save_grid
 from diffalign.sampling.generate import generate
-from diffalign.world.prompts import is_world_prompt
+from diffalign.world.prompts import as_spec, is_world_prompt
+
+OK_COLOR, NO_COLOR = (0, 120, 0), (180, 0, 0)
 
 
 def diversity(images: Tensor, prompts: list[str]) -> float:
@@ -39,52 +47,94 @@ def diversity(images: Tensor, prompts: list[str]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def select_prompts(prompts: Sequence[str], limit: int | None) -> list[str]:
+    """At most ``limit`` distinct prompts of ``prompts``: for world prompts taken round-robin over the categories
+    (so a cap keeps every category), else evenly spaced; all of them when ``limit`` is None."""
+    unique = list(dict.fromkeys(prompts))
+    if limit is None or limit >= len(unique):
+        return unique
+    if all(is_world_prompt(p) for p in unique):
+        by_category: dict[str, list[str]] = {}
+        for p in unique:
+            by_category.setdefault(as_spec(p).category, []).append(p)
+        queues = list(by_category.values())
+        picked: list[str] = []
+        while len(picked) < limit:
+            for queue in queues:
+                if queue and len(picked) < limit:
+                    picked.append(queue.pop(0))
+        return [p for p in unique if p in set(picked)]
+    return [unique[int(i)] for i in np.linspace(0, len(unique) - 1, limit).round()]
+
+
+class EvalPrompts:
+    """One named evaluation set: its prompts, each repeated ``images_per_prompt`` times (``prompts``)."""
+
+    def __init__(self, name: str, prompts: Sequence[str], images_per_prompt: int) -> None:
+        self.name = name
+        self.distinct = list(prompts)
+        self.images_per_prompt = images_per_prompt
+        self.prompts = [p for p in self.distinct for _ in range(images_per_prompt)]
+        # a world split, or a prompt file whose every line is a world prompt: judged by the world evaluator
+        self.is_world = all(is_world_prompt(p) for p in self.distinct)
+
+
 class Evaluator:
     """Every process generates the same evaluation images (a sharded model needs all of them in each forward
-    pass, and under DDP the others would only wait); the main process scores them and writes the results."""
+    pass, and under DDP the others would only wait); the main process scores them and writes the results.
+
+    ``ctx`` provides ``cfg``, ``accelerator``, ``flow``, ``ema``, ``rewards``, ``monitors``, ``seed`` and
+    ``eval_sets`` (name -> ``EvalPrompts``)."""
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx
-        cfg = ctx.cfg
-        prompts = ctx.eval_prompts
-        if cfg.train.max_eval_prompts is not None:
-            prompts = prompts[: cfg.train.max_eval_prompts]
-        self.prompts = [p for p in prompts for _ in range(cfg.train.eval_images_per_prompt)]
-        # a world split, or a prompt file whose every line is a world prompt: judged by the world evaluator
-        self.is_world = all(is_world_prompt(p) for p in prompts)
 
     def run(self, epoch: int, tag: str) -> dict[str, Any]:
+        """Evaluate every set at ``epoch``; ``tag`` names the files (``after`` is also written as the epoch's)."""
         ctx = self.ctx
         acc = ctx.accelerator
         summary: dict[str, Any] = {}
+        for index, evalset in enumerate(ctx.eval_sets.values()):
+            images = self._generate(evalset, index)
+            if acc.is_main_process:
+                values, correct = self._score(evalset, images)
+                summary.update({f"{evalset.name}/{k}": v for k, v in values.items()})
+                self._grid(evalset, images, correct, epoch, tag)
+        if acc.is_main_process:
+            for name in {tag, f"epoch-{epoch:05d}"}:
+                with open(os.path.join(ctx.cfg.output_dir, f"eval_{name}.json"), "w") as f:
+                    json.dump({"epoch": epoch, **summary}, f, indent=1)
+        acc.wait_for_everyone()
+        return summary
+
+    def _generate(self, evalset: EvalPrompts, index: int) -> Tensor:
+        ctx = self.ctx
         flow = ctx.flow
         swap = ctx.ema.swapped_in() if ctx.ema is not None else contextlib.nullcontext()
         network = flow.network
         flow.use_network(None)
+        batch = 32
+        bar = tqdm(total=len(evalset.prompts), desc=f"eval {evalset.name}", leave=False, unit="img",
+                   disable=not ctx.accelerator.is_main_process)  # fmt: skip
+        chunks = []
         try:
             with swap, torch.no_grad():
-                images = generate(flow, self.prompts, ctx.cfg.sampling, seed=ctx.seed + 12345, progress=False)
+                for start in range(0, len(evalset.prompts), batch):
+                    chunk = evalset.prompts[start : start + batch]
+                    chunks.append(generate(flow, chunk, ctx.cfg.sampling, seed=ctx.seed + 12345 + 1000 * index,
+                                           batch_size=batch, progress=False, first_index=start))  # fmt: skip
+                    bar.update(len(chunk))
         finally:
             flow.use_network(network)
-        if acc.is_main_process:
-            summary = self._score(images, epoch)
-            os.makedirs(os.path.join(ctx.cfg.output_dir, "grids"), exist_ok=True)
-            captions = [p.removeprefix("a photo of ") for p in self.prompts]
-            if self.is_world:
-                captions = [("OK " if ok else "NO ") + c for ok, c in zip(self._correct, captions, strict=True)]
-            save_grid(images, os.path.join(ctx.cfg.output_dir, "grids", f"{tag}.png"), captions=captions,
-                      ncols=4 * ctx.cfg.train.eval_images_per_prompt, min_tile=96)  # fmt: skip
-            with open(os.path.join(ctx.cfg.output_dir, f"eval_{tag}.json"), "w") as f:
-                json.dump({"epoch": epoch, **summary}, f, indent=1)
-        acc.wait_for_everyone()
-        return summary
+            bar.close()
+        return torch.cat(chunks)
 
-    def _score(self, images: Tensor, epoch: int) -> dict[str, Any]:
+    def _score(self, evalset: EvalPrompts, images: Tensor) -> tuple[dict[str, Any], list[bool] | None]:
         ctx = self.ctx
         device = ctx.flow.device
         summary: dict[str, Any] = {}
         batches = [images[i : i + 64].to(device) for i in range(0, len(images), 64)]
-        prompt_batches = [self.prompts[i : i + 64] for i in range(0, len(images), 64)]
+        prompt_batches = [evalset.prompts[i : i + 64] for i in range(0, len(images), 64)]
         for label, rewards in (("reward", ctx.rewards), ("monitor", ctx.monitors)):
             if rewards is None:
                 continue
@@ -94,24 +144,54 @@ class Evaluator:
                 summary[f"{label}/{name}"] = float(values.nanmean())
             if label == "reward":
                 summary["reward/total"] = float(torch.cat([o.total for o in outs]).nanmean())
-        if self.ctx.cfg.train.eval_images_per_prompt >= 2:  # undefined with one image per prompt
-            summary["diversity"] = diversity(images, self.prompts)
-        self._correct = []
-        if self.is_world:
-            from diffalign.world.evaluator import evaluate_batch, summarize
+        if evalset.images_per_prompt >= 2:  # undefined with one image per prompt
+            summary["diversity"] = diversity(images, evalset.prompts)
+        if not evalset.is_world:
+            return summary, None
+        from diffalign.world.evaluator import evaluate_batch, summarize
 
-            verdicts = evaluate_batch(images.numpy(), self.prompts)
-            self._correct = [v.correct for v in verdicts]
-            world = summarize(self.prompts, verdicts)
-            summary["world/overall"] = world["overall"]
-            summary["world/image_accuracy"] = world["image_accuracy"]
-            for cat, row in world["per_category"].items():
-                summary[f"world/{cat}"] = row["accuracy"]
-        return summary
+        verdicts = evaluate_batch(images.numpy(), evalset.prompts)
+        world = summarize(evalset.prompts, verdicts)
+        summary["world/overall"] = world["overall"]
+        summary["world/overall_ci_lo"], summary["world/overall_ci_hi"] = world["overall_ci95"]
+        summary["world/image_accuracy"] = world["image_accuracy"]
+        summary["world/image_accuracy_ci_lo"], summary["world/image_accuracy_ci_hi"] = world["image_accuracy_ci95"]
+        summary["world/graded"] = world["mean_graded"]
+        summary["world/partial"] = world["mean_score"]
+        for cat, row in world["per_category"].items():
+            summary[f"world/{cat}"] = row["accuracy"]
+        return summary, [v.correct for v in verdicts]
+
+    def _grid(self, evalset: EvalPrompts, images: Tensor, correct: list[bool] | None, epoch: int, tag: str) -> None:
+        ctx = self.ctx
+        captions = [p.removeprefix("a photo of ") for p in evalset.prompts]
+        colors = None
+        if correct is not None:
+            captions = [("OK " if ok else "NO ") + c for ok, c in zip(correct, captions, strict=True)]
+            colors = [OK_COLOR if ok else NO_COLOR for ok in correct]
+        kwargs = {"captions": captions, "caption_colors": colors, "min_tile": 96,
+                  "ncols": max(4, min(16, 4 * evalset.images_per_prompt))}  # fmt: skip
+        folder = os.path.join(ctx.cfg.output_dir, "grids")
+        os.makedirs(folder, exist_ok=True)
+        for name in {tag, f"epoch-{epoch:05d}"}:
+            save_grid(images, os.path.join(folder, f"{name}_{evalset.name}.png"), **kwargs)
+        tracker = _tensorboard(ctx.accelerator)
+        if tracker is not None:
+            grid = np.asarray(make_grid(images, **kwargs))
+            tracker.writer.add_image(f"eval/{evalset.name}", grid, epoch, dataformats="HWC")
+
+
+def _tensorboard(accelerator) -> Any | None:
+    """The run's tensorboard tracker, if it has one and it is started."""
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name == "tensorboard":
+            return tracker
+    return None
 
 
 def plot_history(history_path: str, out_path: str) -> None:
-    """Plot the training reward and the evaluation numbers of ``history.jsonl`` into one PNG."""
+    """Plot the training reward and every evaluation set's numbers of ``history.jsonl`` into one PNG: the rollout
+    reward, then per set its strict accuracy (with the 95% interval as error bars) and its reward and monitors."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,25 +201,31 @@ def plot_history(history_path: str, out_path: str) -> None:
         rows = [json.loads(line) for line in f if line.strip()]
     train = [r for r in rows if "reward_mean" in r]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
+    sets = sorted({k.split("/")[1] for r in evals for k in r if k.startswith("eval/") and k.count("/") >= 2})
+    fig, axes = plt.subplots(1, 1 + max(1, len(sets)), figsize=(5.5 * (1 + max(1, len(sets))), 4), squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot([r["epoch"] for r in train], [r["reward_mean"] for r in train], label="rollout reward (mean)")
     ax.set_xlabel("epoch")
     ax.set_title("training reward")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax = axes[1]
-    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and not k.startswith("eval/world/")}
-                  | {"eval/world/overall"} & {k for r in evals for k in r})  # fmt: skip
-    for key in keys:
-        points = [(r["epoch"], r[key]) for r in evals if key in r and r[key] == r[key]]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=key.removeprefix("eval/"))
-    ax.set_xlabel("epoch")
-    ax.set_title("held-out evaluation (EMA weights)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, name in zip(axes[0, 1:], sets, strict=False):
+        prefix = f"eval/{name}/"
+        strict = [(r["epoch"], r[prefix + "world/overall"], r[prefix + "world/overall_ci_lo"],
+                   r[prefix + "world/overall_ci_hi"]) for r in evals if prefix + "world/overall" in r]  # fmt: skip
+        if strict:
+            x, y, lo, hi = (np.array(v) for v in zip(*strict, strict=True))
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label="strict accuracy (95% CI)")
+        keys = sorted({k for r in evals for k in r if k.startswith(prefix) and "/world/" not in k})
+        for key in keys:
+            points = [(r["epoch"], r[key]) for r in evals if key in r and r[key] == r[key]]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=key.removeprefix(prefix))
+        ax.set_xlabel("epoch")
+        ax.set_title(f"evaluation: {name} (EMA weights)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

@@ -16,13 +16,14 @@ from typing import Literal
 
 import torch
 from diffusers.optimization import get_scheduler
+from omegaconf import MISSING
 from torch import Tensor
 
 from diffalign.config import ConfigError, ModelConfig, SamplingConfig, read_prompt_file, resolve_device
 from diffalign.pipelines import FlowModel, load_flow_model
 from diffalign.rewards import RewardConfig, RewardSet, build_reward_set
 from diffalign.training.ema import EMA
-from diffalign.training.evaluation import Evaluator
+from diffalign.training.evaluation import EvalPrompts, Evaluator, select_prompts
 from diffalign.training.loop import TrainContext
 from diffalign.training.trainer import Cadence, TrainedModule
 
@@ -39,6 +40,13 @@ class LoraSection:
     alpha: float = 64.0
     target_modules: list[str] | None = None
 
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"config key 'lora.rank': must be >= 1 for a LoRA or 0 for full fine-tuning, got "
+                              f"{self.rank}")  # fmt: skip
+        if self.rank > 0 and self.alpha <= 0:
+            raise ConfigError(f"config key 'lora.alpha': must be > 0, got {self.alpha}")
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -49,14 +57,16 @@ class TrainConfig:
         lr, weight_decay, adam_beta1/2, adam_eps: AdamW (Flow-GRPO: 3e-4, 1e-4, 0.9, 0.999, 1e-8 for LoRA).
         lr_scheduler, warmup_epochs: diffusers scheduler name over optimizer steps.
         grad_clip: max gradient norm (Flow-GRPO: 1.0).
-        mixed_precision: ``no`` / ``fp16`` / ``bf16`` (accelerate autocast).
+        mixed_precision: ``no`` / ``fp16`` / ``bf16`` (accelerate autocast); null: accelerate's own setting (an
+            ``accelerate launch`` config or ``ACCELERATE_MIXED_PRECISION``; ``no`` without one).
         gradient_checkpointing: recompute activations in the backward pass (saves memory).
         ema_decay, ema_every: EMA of the trained weights, updated every ``ema_every`` optimizer steps
             (Flow-GRPO: 0.9 every 8); ``ema_decay = 0`` disables it. Evaluation and export use the EMA.
         eval_every, checkpoint_every, log_every: in epochs.
         keep_checkpoints: newest checkpoints kept.
-        eval_images_per_prompt: images per evaluation prompt.
-        max_eval_prompts: cap on evaluation prompts (None: all).
+        eval_images_per_prompt: images per evaluation prompt (an evaluation set may set its own).
+        max_eval_prompts: cap on the prompts of each evaluation set, taken round-robin over the world's
+            categories (None: all; an evaluation set may set its own).
     """
 
     epochs: int = 100
@@ -68,7 +78,7 @@ class TrainConfig:
     lr_scheduler: str = "constant"
     warmup_epochs: int = 0
     grad_clip: float = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     gradient_checkpointing: bool = False
     ema_decay: float = 0.9
     ema_every: int = 8
@@ -100,14 +110,35 @@ def _default_rewards() -> list[RewardConfig]:
 
 
 @dataclass(kw_only=True)
+class EvalSet:
+    """One evaluation prompt set.
+
+    Attributes:
+        prompts: a prompt source (see :func:`load_prompts`).
+        images_per_prompt: images per prompt (None: ``train.eval_images_per_prompt``).
+        max_prompts: cap on its prompts, round-robin over the world's categories (None: ``train.max_eval_prompts``).
+    """
+
+    prompts: str = MISSING
+    images_per_prompt: int | None = None
+    max_prompts: int | None = None
+
+
+def _default_eval_sets() -> dict[str, EvalSet]:
+    return {"test": EvalSet(prompts="world:test"), "test_seen": EvalSet(prompts="world:test_seen")}
+
+
+@dataclass(kw_only=True)
 class RunSection:
     """What every fine-tuning job shares: the model, prompts, rewards, monitors and the loop settings.
 
     Attributes:
         output_dir: the run folder (checkpoints, logs, grids, plots, the final LoRA, ``config.yaml``).
         seed: every random draw is a function of (seed, epoch, process, ...), so runs are reproducible.
-        prompts, eval_prompts: ``world:train`` / ``world:test`` (the embedded world's splits; ``:balanced`` weights
-            its categories equally, see :func:`load_prompts`) or a text file.
+        prompts: the training prompts: ``world:train`` (the embedded world's split; ``:balanced`` weights its
+            categories equally, see :func:`load_prompts`) or a text file.
+        eval_sets: named evaluation prompt sets (default: the world's held-out splits ``test``, novel bindings,
+            and ``test_seen``, GenEval-comparable), each reported under its name.
         rewards: the optimised rewards (weighted sum).
         monitors: rewards that are logged on evaluation images but never optimised (reward-hacking watch).
         sampling: how evaluation images are drawn (ODE, possibly more steps than training rollouts).
@@ -118,7 +149,7 @@ class RunSection:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     prompts: str = "world:train"
-    eval_prompts: str = "world:test"
+    eval_sets: dict[str, EvalSet] = field(default_factory=dict)
     rewards: list[RewardConfig] = field(default_factory=_default_rewards)
     monitors: list[RewardConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -127,8 +158,35 @@ class RunSection:
     )
 
 
+    def __post_init__(self) -> None:
+        if not self.eval_sets:  # the default (a schema default would be merged with the sets a config gives)
+            self.eval_sets = _default_eval_sets()
+        for name, evalset in self.eval_sets.items():
+            if not name.replace("_", "").isalnum():
+                raise ConfigError(f"config key 'eval_sets.{name}': a set's name must be letters, digits and '_'")
+            for key in ("images_per_prompt", "max_prompts"):
+                value = getattr(evalset, key)
+                if value is not None and value < 1:
+                    raise ConfigError(f"config key 'eval_sets.{name}.{key}': must be >= 1, got {value}")
+            _check_source(evalset.prompts, f"eval_sets.{name}.prompts")
+        _check_source(self.prompts, "prompts")
+
+
+def _check_source(source: str, key: str) -> None:
+    """A ``world:`` source names a known split and option (checked before any model loads)."""
+    if source.startswith("world:"):
+        from diffalign.world.prompts import SPLITS
+
+        split, _, option = source.removeprefix("world:").partition(":")
+        if split not in SPLITS:
+            raise ConfigError(f"config key '{key}': unknown world split {split!r} ({', '.join(SPLITS)})")
+        if option not in ("", "balanced"):
+            raise ConfigError(f"config key '{key}': unknown option {option!r} (only 'balanced')")
+
+
 def load_prompts(source: str, key: str) -> list[str]:
-    """``world:train`` / ``world:test``, ``world:train:balanced`` or a text file (one prompt per line).
+    """``world:train`` / ``world:test`` / ``world:test_seen``, ``world:train:balanced`` or a text file (one prompt
+    per line).
 
     ``world:<split>:balanced`` repeats each category's prompts so that every category carries the same total
     weight (the world's benchmark is the mean over categories, while ``world:train`` is 71% colour attribution);
@@ -137,11 +195,8 @@ def load_prompts(source: str, key: str) -> list[str]:
     if source.startswith("world:"):
         from diffalign.world.prompts import prompts_by_category, split_prompts
 
+        _check_source(source, key)
         split, _, option = source.removeprefix("world:").partition(":")
-        if split not in ("train", "test"):
-            raise ConfigError(f"config key '{key}': unknown world split {split!r} (train or test)")
-        if option not in ("", "balanced"):
-            raise ConfigError(f"config key '{key}': unknown option {option!r} (only 'balanced')")
         specs = split_prompts(split)
         if option == "balanced":
             groups = prompts_by_category(specs).values()
@@ -164,16 +219,22 @@ class Finetuning:
         cfg, accelerator, seed: the job's (from the context).
         flow: the loaded model; ``uses_lora``: a LoRA is trained (else the whole transformer).
         policy: the registered trained module (LoRA parameters, or every transformer parameter).
-        prompts, eval_prompts: the training and evaluation prompt lists.
+        prompts: the training prompt list; ``eval_sets``: name -> the evaluation set's prompts.
         rewards, monitors: the optimised rewards and the logged-only ones (None if there are none).
-        evaluator: samples ``eval_prompts`` with the EMA weights and scores them.
+        evaluator: samples every evaluation set with the EMA weights and scores it.
     """
 
     def __init__(self, ctx: TrainContext, updates_per_epoch: int) -> None:
         cfg = ctx.cfg
         self.cfg, self.accelerator, self.seed = cfg, ctx.accelerator, ctx.seed
         self.prompts = load_prompts(cfg.prompts, "prompts")
-        self.eval_prompts = load_prompts(cfg.eval_prompts, "eval_prompts")
+        t = cfg.train
+        self.eval_sets: dict[str, EvalPrompts] = {}
+        for name, evalset in cfg.eval_sets.items():
+            prompts = load_prompts(evalset.prompts, f"eval_sets.{name}.prompts")
+            limit = evalset.max_prompts if evalset.max_prompts is not None else t.max_eval_prompts
+            images = evalset.images_per_prompt or t.eval_images_per_prompt
+            self.eval_sets[name] = EvalPrompts(name, select_prompts(prompts, limit), images)
         self.rewards: RewardSet = build_reward_set(cfg.rewards, "rewards")
         self.monitors: RewardSet | None = build_reward_set(cfg.monitors, "monitors") if cfg.monitors else None
         device = ctx.device if cfg.model.device == "auto" else resolve_device(cfg.model.device)
@@ -196,7 +257,6 @@ class Finetuning:
             transformer.requires_grad_(True)
         if cfg.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        t = cfg.train
         optimizer = torch.optim.AdamW(
             [p for p in transformer.parameters() if p.requires_grad], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.weight_decay, eps=t.adam_eps,

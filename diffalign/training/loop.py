@@ -32,8 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from diffalign.config import save_config
-from diffalign.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from diffalign.config import save_config, to_yaml
+from diffalign.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from diffalign.training.ema import EMA
 from diffalign.training.sharding import full_parameters, full_tensor, load_full_parameters_, reshard
 from diffalign.training.trainer import Exporter, TrainedModule, Trainer, check_finite
@@ -64,9 +64,12 @@ class TrainContext:
         self.cfg = cfg
         self.seed: int = cfg.seed
         self.output_dir: str = cfg.output_dir
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.train.mixed_precision, log_with="tensorboard", project_dir=cfg.output_dir
-        )
+        if accelerator is None:
+            # an explicit setting wins; without one, accelerate's (the launcher's config or environment) applies
+            precision = getattr(getattr(cfg, "train", None), "mixed_precision", None)
+            kwargs = {} if precision is None else {"mixed_precision": precision}
+            accelerator = Accelerator(log_with="tensorboard", project_dir=cfg.output_dir, **kwargs)
+        self.accelerator = accelerator
         seed_everything(cfg.seed)
         self.modules: dict[str, TrainedModule] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -250,24 +253,27 @@ def run_training(
         raise RuntimeError(f"{type(algorithm).__name__} did not call ctx.prepare() after registering its modules")
     cadence = algorithm.cadence
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if acc.is_main_process:
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    config_path = os.path.join(cfg.output_dir, "config.yaml")
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     history_path = os.path.join(cfg.output_dir, "history.jsonl")
     start = 0
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        start = _resume(ctx, latest)
-        log.info("resumed from %s (epoch %d)", latest, start)
+    if list_checkpoints(ckpt_dir):
+        check_resumable(cfg, config_path)
+        start = _resume_newest_good(ctx, ckpt_dir)
         _truncate_history(ctx, history_path, start)
-    else:
+    if acc.is_main_process:
+        save_config(cfg, config_path)
+        # a resumed run drops the event records its previous life wrote after the checkpoint
+        acc.init_trackers(algorithm.name, init_kwargs={"tensorboard": {"purge_step": start + 1}})
+        _log_config(acc, to_yaml(cfg))
+    log.info("%s: %d thread(s); results are reproducible for a fixed seed, thread count and library versions",
+             algorithm.name, torch.get_num_threads())  # fmt: skip
+    if start == 0:
         if acc.is_main_process and os.path.exists(history_path):
             os.remove(history_path)
         if cadence.evaluate_before:
             summary = algorithm.evaluate(0, "before")
             _append_history(ctx, history_path, {"epoch": 0, **{f"eval/{k}": v for k, v in summary.items()}})
-    if acc.is_main_process:
-        acc.init_trackers(algorithm.name)
 
     last = cadence.epochs
     bar = tqdm(range(start, last), initial=start, total=last, desc=algorithm.name,
@@ -298,6 +304,72 @@ def run_training(
     summary = algorithm.finish()
     acc.end_training()
     return summary
+
+
+#: Config keys that may change when a run resumes (how long it runs and what it reports); any other change makes
+#: the checkpoint a different run's, and resuming it is refused.
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "output_dir", "train.epochs", "train.eval_every", "train.checkpoint_every", "train.log_every",
+    "train.keep_checkpoints", "train.eval_images_per_prompt", "train.max_eval_prompts", "eval_sets", "monitors",
+)  # fmt: skip
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def check_resumable(cfg: Any, config_path: str) -> None:
+    """Refuse to resume the checkpoints of ``config_path`` (the run's saved config) under a config that changes
+    anything but :data:`RESUMABLE_CHANGES`, naming the changed keys; the saved config is left as it is."""
+    if not os.path.isfile(config_path):
+        return
+    import yaml
+
+    with open(config_path) as f:
+        saved = _flatten(yaml.safe_load(f) or {})
+    now = _flatten(yaml.safe_load(to_yaml(cfg)))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    refused = [k for k in changed if not any(k == r or k.startswith(f"{r}.") for r in RESUMABLE_CHANGES)]
+    if refused:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused[:6])
+        raise CheckpointError(
+            f"{os.path.dirname(config_path)} holds checkpoints of a run with another config ({shown}); resume it "
+            f"with its own config (only {', '.join(RESUMABLE_CHANGES)} may change) or choose a new output_dir"
+        )
+    for k in changed:
+        log.info("resuming with %s changed: %r -> %r", k, saved.get(k), now.get(k))
+
+
+def _resume_newest_good(ctx: TrainContext, directory: str) -> int:
+    """Resume from the newest checkpoint that loads; a corrupt one is reported and the one before it tried."""
+    checkpoints = list_checkpoints(directory)
+    errors = []
+    for path in reversed(checkpoints):
+        try:
+            start = _resume(ctx, path)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+            errors.append(str(e))
+            continue
+        if errors:
+            log.warning("resumed from %s, the newest checkpoint that loads (%d newer one(s) skipped)", path,
+                        len(errors))  # fmt: skip
+        log.info("resumed from %s (epoch %d)", path, start)
+        return start
+    raise CheckpointError(f"no checkpoint in {directory} loads ({len(errors)} tried; newest: {errors[0]}); remove "
+                          f"the folder to start the run over")  # fmt: skip
+
+
+def _log_config(acc: Accelerator, text: str) -> None:
+    """The resolved config as text in tensorboard (scalars and grids go there too)."""
+    for tracker in acc.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_text("config", f"```\n{text}\n```", 0)
 
 
 def _due(every: int, done: int, last: int, at_end: bool) -> bool:
