@@ -113,8 +113,11 @@ class FlowGRPOConfig:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         total = self.prompts_per_epoch * self.group_size
         if total % self.batch_size:
-            raise bad("group_size", f"prompts_per_epoch x group_size = {self.prompts_per_epoch} x {self.group_size} "
-                                    f"= {total} samples per epoch are not a multiple of batch_size {self.batch_size}")
+            raise bad(
+                "group_size",
+                f"prompts_per_epoch x group_size = {self.prompts_per_epoch} x {self.group_size} "
+                f"= {total} samples per epoch are not a multiple of batch_size {self.batch_size}",
+            )
         if self.guidance_scale < 1:
             raise bad("guidance_scale", f"must be >= 1, got {self.guidance_scale}")
         if self.noise_level <= 0:

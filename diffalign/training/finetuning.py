@@ -157,7 +157,6 @@ class RunSection:
         default_factory=lambda: SamplingConfig(num_steps=20, height=64, width=64, guidance_scale=3.0)
     )
 
-
     def __post_init__(self) -> None:
         if not self.eval_sets:  # the default (a schema default would be merged with the sets a config gives)
             self.eval_sets = _default_eval_sets()
