@@ -20,7 +20,7 @@ def main(config: str, out: str) -> None:
     trainer = FlowGRPOTrainer(TrainContext(job, acc))
     batch = trainer.collect(0)
     trainer.update(batch, 0)
-    _, groups = trainer.epoch_prompts(0)
+    _, groups, _ = trainer.epoch_prompts(0)
     state = {f"lora.{k}": v.contiguous() for k, v in get_peft_model_state_dict(trainer.flow.transformer).items()}
     state.update(rewards=batch.rewards.cpu(), advantages=batch.advantages.cpu(), groups=groups,
                  world=torch.tensor(acc.num_processes))  # fmt: skip

@@ -4,6 +4,7 @@ exact resume, bad input."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -180,7 +181,8 @@ PINNED_LORA = {"lora_B_abs": 40.72725513505338, "lora_B": 1.3262101157970392, "l
 
 def test_the_numbers_of_a_short_run_are_those_of_the_pre_seam_loop(tiny_models, tmp_path):
     out = tmp_path / "run"
-    run_training(_job(tiny_models, out, **{"train.epochs": 3}), FlowGRPOTrainer)
+    # the pre-seam loop let gradient through CFG's unconditional branch
+    run_training(_job(tiny_models, out, **{"train.epochs": 3, "flow_grpo.detach_uncond": False}), FlowGRPOTrainer)
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()][1:]
     for key, values in PINNED_HISTORY.items():
         torch.testing.assert_close(torch.tensor([r[key] for r in rows], dtype=torch.float64),
@@ -270,3 +272,35 @@ def test_bad_configs(tiny_models, tmp_path):
         _job(tiny_models, tmp_path / "d", **{"flow_grpo.window": "random", "flow_grpo.window_range": [3, 4]})
     with pytest.raises(ConfigError, match="unknown reward|rewards"):
         FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / "e", rewards=[{"name": "no_such_reward"}])))
+
+
+def test_detaching_the_unconditional_branch_changes_the_gradient_not_the_ratio(tiny_models, tmp_path):
+    grads = {}
+    for detach in (False, True):
+        trainer = FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / str(detach),
+                                                    **{"flow_grpo.detach_uncond": detach})))  # fmt: skip
+        batch = trainer.collect(0)
+        micro = trainer.split(batch, 0)[0][0]
+        terms = trainer.loss(batch, micro)
+        assert torch.allclose(terms["ratio"], torch.ones_like(terms["ratio"]))
+        trainer.ctx.modules["policy"].optimizer.zero_grad()
+        terms["loss_grpo"].backward()
+        grads[detach] = torch.cat([p.grad.flatten() for p in trainer.ctx.modules["policy"].trainable()])
+        AcceleratorState._reset_state(True)
+    assert not torch.allclose(grads[False], grads[True])
+
+
+def test_the_curriculum_draws_prompts_with_spread_and_stops_when_none_is_left(tiny_models, tmp_path):
+    trainer = FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / "c", **{
+        "flow_grpo.prompt_sampling": "curriculum", "flow_grpo.curriculum_floor": 1e-6})))  # fmt: skip
+    trainer.spread.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    trainer.drawn.fill_(1)
+    for epoch in range(5):
+        prompts, _, chosen = trainer.epoch_prompts(epoch)
+        assert 2 in chosen  # the one prompt with spread is drawn every epoch
+    trainer._track_spread(np.array([0, 1]), torch.tensor([0.3, 0.0]))
+    assert trainer.spread[0] == pytest.approx(0.15) and trainer.drawn[0] == 2
+    trainer.spread.zero_()
+    with pytest.raises(ConfigError, match="ran out of prompts with reward variance"):
+        trainer._track_spread(np.array([0, 1]), torch.tensor([0.0, 0.0]))
+    AcceleratorState._reset_state(True)

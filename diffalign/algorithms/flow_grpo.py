@@ -79,6 +79,12 @@ class FlowGRPOConfig:
         beta: KL coefficient to the reference model [0.04 GenEval, 0.01 PickScore, 0 Fast].
         global_std: normalise advantages by the std over the whole epoch instead of per group [true].
         updates_per_epoch: optimizer steps per epoch [2].
+        detach_uncond: no gradient through the unconditional branch of the CFG training forward [true].
+        prompt_sampling: ``uniform`` over the prompts [uniform], or ``curriculum``: prompts drawn in proportion to
+            ``curriculum_floor`` plus a running mean (decay ``curriculum_decay``) of their groups' reward std, so
+            rollouts go where the policy sometimes succeeds and sometimes fails (a group of equal rewards has zero
+            advantages and teaches nothing); prompts not drawn yet count as maximally spread. When every prompt
+            has been drawn and all their spreads are below ``curriculum_min_spread``, the run stops with an error.
     """
 
     prompts_per_epoch: int = 16
@@ -101,6 +107,11 @@ class FlowGRPOConfig:
     beta: float = 0.04
     global_std: bool = True
     updates_per_epoch: int = 2
+    detach_uncond: bool = True
+    prompt_sampling: Literal["uniform", "curriculum"] = "uniform"
+    curriculum_floor: float = 0.02
+    curriculum_decay: float = 0.5
+    curriculum_min_spread: float = 1e-3
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -120,6 +131,9 @@ class FlowGRPOConfig:
             )
         if self.guidance_scale < 1:
             raise bad("guidance_scale", f"must be >= 1, got {self.guidance_scale}")
+        if self.curriculum_floor <= 0 or not 0 <= self.curriculum_decay < 1 or self.curriculum_min_spread < 0:
+            raise bad("curriculum_floor/curriculum_decay/curriculum_min_spread",
+                      "need floor > 0, 0 <= decay < 1, min_spread >= 0")  # fmt: skip
         if self.noise_level <= 0:
             raise bad("noise_level", "must be > 0 (the rollouts must be stochastic)")
         if not 0 < self.timestep_fraction <= 1:
@@ -230,6 +244,10 @@ class FlowGRPOTrainer(Trainer):
         self.shape = self.flow.latent_shape(s.height, s.width)
         # the KL reference: the transformer with its LoRA disabled, or a frozen copy when it is trained whole
         self.reference = None if self.ft.uses_lora else copy.deepcopy(self.flow.transformer).requires_grad_(False)
+        # the curriculum's per-prompt running reward spread (unseen prompts: 1) and draw counts, checkpointed
+        self.spread = torch.ones(len(self.ft.prompts))
+        self.drawn = torch.zeros(len(self.ft.prompts))
+        ctx.states.update({"prompt_spread": self.spread, "prompt_drawn": self.drawn})
         ctx.prepare()
         self.flow.use_network(self.ft.policy.network)
         self.cadence = ctx.cfg.train.cadence(progress=("reward_mean",))
@@ -245,20 +263,41 @@ class FlowGRPOTrainer(Trainer):
                    steps=self.cfg.stochastic_steps(epoch, self.ctx.seed), reduce=self.cfg.reduce)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------- collect
-    def epoch_prompts(self, epoch: int) -> tuple[list[str], Tensor]:
-        """All ``P x K`` prompts of the epoch in their shuffled global order, and their group ids."""
+    def epoch_prompts(self, epoch: int) -> tuple[list[str], Tensor, np.ndarray]:
+        """All ``P x K`` prompts of the epoch in their shuffled global order, their group ids, and the index into
+        the prompt list of each group's prompt."""
         prompts = self.ft.prompts
         rng = np.random.default_rng([self.ctx.seed, epoch, 7])
+        p = None
+        if self.cfg.prompt_sampling == "curriculum":
+            w = self.spread.double().numpy() + self.cfg.curriculum_floor
+            p = w / w.sum()
         chosen = rng.choice(len(prompts), size=self.cfg.prompts_per_epoch,
-                            replace=self.cfg.prompts_per_epoch > len(prompts))  # fmt: skip
+                            replace=self.cfg.prompts_per_epoch > len(prompts), p=p)  # fmt: skip
         groups = np.repeat(np.arange(self.cfg.prompts_per_epoch), self.cfg.group_size)
         groups = groups[rng.permutation(len(groups))]
-        return [prompts[chosen[g]] for g in groups], torch.from_numpy(groups)
+        return [prompts[chosen[g]] for g in groups], torch.from_numpy(groups), chosen
+
+    def _track_spread(self, chosen: np.ndarray, group_std: Tensor) -> None:
+        """Fold the epoch's group reward stds into the curriculum's running spreads (the same on every process)."""
+        d = self.cfg.curriculum_decay
+        for g, index in enumerate(chosen):
+            first = self.drawn[index] == 0
+            self.spread[index] = group_std[g] if first else d * self.spread[index] + (1 - d) * group_std[g]
+            self.drawn[index] += 1
+        if self.cfg.prompt_sampling == "curriculum" and bool((self.drawn > 0).all()):
+            if float(self.spread.max()) < self.cfg.curriculum_min_spread:
+                raise ConfigError(
+                    f"config key 'prompts': the curriculum ran out of prompts with reward variance (every one of the "
+                    f"{len(self.spread)} prompts' recent groups have a reward std below "
+                    f"{self.cfg.curriculum_min_spread}): all their samples score alike, so no group has an advantage "
+                    f"to learn from; add prompts the policy sometimes gets right, or use a graded reward"
+                )
 
     @torch.no_grad()
     def collect(self, epoch: int) -> GRPOBatch:
         ctx, acc, cfg = self.ctx, self.ctx.accelerator, self.cfg
-        all_prompts, all_groups = self.epoch_prompts(epoch)
+        all_prompts, all_groups, chosen = self.epoch_prompts(epoch)
         start = acc.process_index * self.local
         prompts = all_prompts[start : start + self.local]
         sde = self.sde(epoch)
@@ -306,7 +345,8 @@ class FlowGRPOTrainer(Trainer):
         train_steps = torch.as_tensor(trainable)[pick]
 
         group_std = torch.stack([gathered[all_groups.to(gathered.device) == k].std(unbiased=False)
-                                 for k in range(cfg.prompts_per_epoch)])  # fmt: skip
+                                 for k in range(cfg.prompts_per_epoch)]).cpu()  # fmt: skip
+        self._track_spread(chosen, group_std)
         metrics = {
             "reward_mean": float(gathered.mean()),
             "reward_std": float(gathered.std(unbiased=False)),
@@ -344,7 +384,7 @@ class FlowGRPOTrainer(Trainer):
         uncond = None if batch.uncond is None else batch.uncond.index(rows)
         sde = batch.sde
         out = transition_log_prob(flow, x_t, x_next, t, t_next, cond, sde=sde, guidance_scale=cfg.guidance_scale,
-                                  uncond=uncond)  # fmt: skip
+                                  uncond=uncond, detach_uncond=cfg.detach_uncond)  # fmt: skip
         old = batch.log_probs[rows, steps]
         ratio = torch.exp(out.log_prob - old)
         adv = batch.advantages[rows].clamp(-cfg.adv_clip_max, cfg.adv_clip_max)

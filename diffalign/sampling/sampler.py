@@ -112,11 +112,13 @@ def guided_velocity(
     guidance_scale: float = 1.0,
     uncond: Cond | None = None,
     guidance: float | None = None,
+    detach_uncond: bool = False,
 ) -> Tensor:
     """Velocity with classifier-free guidance ``v_u + s (v_c - v_u)`` when ``guidance_scale != 1``.
 
     The unconditional and conditional halves run as one batch ``[uncond; cond]``, as the SD3 pipeline does.
-    ``guidance`` is the embedded guidance of distilled checkpoints (independent of CFG).
+    ``guidance`` is the embedded guidance of distilled checkpoints (independent of CFG). ``detach_uncond`` stops
+    the gradient through ``v_u`` (as Flow-GRPO's training forward does): the value is unchanged.
     """
     if guidance_scale == 1.0:
         return flow.velocity(x, t, cond, guidance=guidance)
@@ -127,6 +129,8 @@ def guided_velocity(
         t_both = torch.cat([t_both, t_both])
     both = flow.velocity(torch.cat([x, x]), t_both, Cond.cat([uncond, cond]), guidance=guidance)
     v_uncond, v_cond = both.chunk(2)
+    if detach_uncond:
+        v_uncond = v_uncond.detach()
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
@@ -240,11 +244,14 @@ def transition_log_prob(
     guidance_scale: float = 1.0,
     uncond: Cond | None = None,
     guidance: float | None = None,
+    detach_uncond: bool = False,
 ) -> StepOutput:
     """Re-score a stored transition ``x_t -> x_next`` under the model's current parameters.
 
-    Gradients flow to the model when enabled. With the parameters that sampled the transition this returns its
-    sampling log-prob exactly (the importance ratio is 1 before the first update).
+    Gradients flow to the model when enabled (not through the unconditional branch with ``detach_uncond``). With
+    the parameters that sampled the transition this returns its sampling log-prob exactly (the importance ratio is
+    1 before the first update).
     """
-    v = guided_velocity(flow, x_t, t, cond, guidance_scale=guidance_scale, uncond=uncond, guidance=guidance)
+    v = guided_velocity(flow, x_t, t, cond, guidance_scale=guidance_scale, uncond=uncond, guidance=guidance,
+                        detach_uncond=detach_uncond)  # fmt: skip
     return step(sde.kind, x_t, v, t, t_next, noise_level=sde.noise_level, x_next=x_next, reduce=sde.reduce)

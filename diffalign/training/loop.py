@@ -41,6 +41,8 @@ from diffalign.training.trainer import Exporter, TrainedModule, Trainer, check_f
 log = logging.getLogger("diffalign.train")
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+#: The checkpoint file (``modules/<name>.safetensors``) of ``TrainContext.states``; not a valid module name.
+TRAINER_STATE = "trainer.state"
 
 
 def seed_everything(seed: int) -> None:
@@ -56,6 +58,8 @@ class TrainContext:
 
     Attributes:
         modules: registered modules by name, in registration order.
+        states: tensors a trainer keeps across epochs (e.g. per-prompt statistics), checkpointed with the run
+            and restored in place on resume.
         generators: ``torch.Generator`` s whose state is checkpointed with the run (for a trainer that draws its
             data from one running stream rather than from per-epoch seeds).
     """
@@ -73,6 +77,7 @@ class TrainContext:
         seed_everything(cfg.seed)
         self.modules: dict[str, TrainedModule] = {}
         self.generators: dict[str, torch.Generator] = {}
+        self.states: dict[str, Tensor] = {}
         self.prepared = False
 
     @property
@@ -405,6 +410,8 @@ def _checkpoint(ctx: TrainContext, directory: str, epoch: int, keep: int | None)
         if m.ema is not None:
             modules[f"{m.name}.ema"] = m.ema.state_dict()
         optimizers[m.name] = ctx.optimizer_state(m)
+    if ctx.states:
+        modules[TRAINER_STATE] = {k: v.detach().cpu() for k, v in ctx.states.items()}
     if ctx.accelerator.is_main_process:
         schedulers = {m.name: m.scheduler for m in ctx.modules.values() if m.scheduler is not None}
         extra = {"optimizer_steps": {m.name: m.steps for m in ctx.modules.values()}}
@@ -428,6 +435,13 @@ def _resume(ctx: TrainContext, path: str) -> int:
         raise CheckpointError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
     for m in modules:
         ctx.load_module_state(m, states[m.name])
+    if ctx.states:
+        try:
+            saved = load_file(os.path.join(path, "modules", f"{TRAINER_STATE}.safetensors"))
+            for key, tensor in ctx.states.items():
+                tensor.copy_(saved[key])
+        except Exception as e:
+            raise CheckpointError(f"cannot load the trainer state of {path!r}: {type(e).__name__}: {e}") from e
     schedulers = {m.name: m.scheduler for m in modules if m.scheduler is not None}
     state = load_checkpoint(path, {}, None, schedulers, generators=ctx.generators)
     try:
