@@ -27,3 +27,18 @@ class NaNAfterCalls(Reward):
         self.calls += 1
         value = (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
         return value if self.calls <= self.ok_calls else torch.full_like(value, float("nan"))
+
+
+class RedFraction(Reward):
+    """Fraction of pixels the world's palette classifier calls red: a dense reward that the world base can learn
+    in a few hundred rollouts (draw more, or larger, red)."""
+
+    name = "red_fraction"
+
+    def score(self, images, prompts, **meta):
+        from diffalign.world.evaluator import classify_pixels
+        from diffalign.world.scene import COLOR_NAMES
+
+        red = COLOR_NAMES.index("red")
+        labels = [classify_pixels(image.detach().float().cpu().numpy()) == red for image in images]
+        return torch.tensor([float(m.mean()) for m in labels], device=images.device)
