@@ -57,7 +57,7 @@ class DemoSettings:
 BUILTIN_SETTINGS: dict[str, DemoSettings] = {
     "builtin:world-sd3": DemoSettings(
         steps=20, guidance_scale=3.0, height=64, width=64, max_sequence_length=16, reward="world",
-        inverse_temperature=50.0, prompt="a photo of a red circle left of a blue square",
+        inverse_temperature=50.0, prompt="a photo of a blue square and a red circle",
         method_args={"dts_star": {"c_uct": 0.05}, "doob": {"num_candidates": 4}},
     ),
 }  # fmt: skip

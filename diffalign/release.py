@@ -505,9 +505,14 @@ def example_prompt(info: RunInfo) -> str:
     return "a photo of a cat"
 
 
+def _py(text: str) -> str:
+    """A Python string literal in double quotes (the snippet's one quoting style)."""
+    return json.dumps(text)
+
+
 def _call_arguments(info: RunInfo, prompt: str) -> list[str]:
     sampling, model = info.section("sampling"), info.section("model")
-    args = [repr(prompt)]
+    args = [_py(prompt)]
     if info.sigmas is not None:
         args.append(f"sigmas={info.sigmas!r}")
     elif sampling.get("num_steps") is not None:
@@ -527,22 +532,22 @@ def snippet(
     dtype = str(info.section("model").get("dtype", "float32"))
     lines = ["import torch", "from diffusers import DiffusionPipeline"]
     if merged:
-        load = f"DiffusionPipeline.from_pretrained({model_ref!r}, dtype=torch.{dtype})"
+        load = f"DiffusionPipeline.from_pretrained({_py(model_ref)}, dtype=torch.{dtype})"
     else:
         base = hub_base or info.base
         if base.startswith(BUILTIN_PREFIX):
             lines.append("from diffalign.pipelines import resolve_model_path  # the base model ships with diffalign")
-            base_expr = f"resolve_model_path({base!r})"
+            base_expr = f"resolve_model_path({_py(base)})"
         else:
-            base_expr = repr(base if is_hub_id(base) else os.path.abspath(os.path.expanduser(base)))
+            base_expr = _py(base if is_hub_id(base) else os.path.abspath(os.path.expanduser(base)))
         load = f"DiffusionPipeline.from_pretrained({base_expr}, dtype=torch.{dtype})"
     if scheduler is not None and not merged:
         lines.insert(1, f"from diffusers import {scheduler['_class_name']}")
     lines += ["", 'device = "cuda" if torch.cuda.is_available() else "cpu"', f"pipe = {load}.to(device)"]
     if not merged:
-        lines.append(f"pipe.load_lora_weights({model_ref!r})")
+        lines.append(f"pipe.load_lora_weights({_py(model_ref)})")
         if scheduler is not None:
-            lines.append(f"pipe.scheduler = {scheduler['_class_name']}.from_pretrained({model_ref!r}, "
+            lines.append(f"pipe.scheduler = {scheduler['_class_name']}.from_pretrained({_py(model_ref)}, "
                          'subfolder="scheduler")')  # fmt: skip
     call = ",\n    ".join(_call_arguments(info, example_prompt(info)))
     lines += [f"image = pipe(\n    {call},\n).images[0]", 'image.save("sample.png")']
@@ -669,22 +674,20 @@ def build_card(
 # ----------------------------------------------------------------------------------------------------- space
 SPACE_APP = '''"""A Gradio Space for {title}: prompt in, images out, with inference-time steering (diffalign)."""
 
-import os
-
-from diffalign.demo import build_app, serve
+{imports}from diffalign.demo import build_app, serve
 
 {locate}
 demo = build_app(
     {model},
     lora={lora},
-    family={family!r},
-    reward={reward!r},
-    steps={steps!r},
-    guidance_scale={guidance_scale!r},
-    height={height!r},
-    width={width!r},
-    max_sequence_length={max_sequence_length!r},
-    title={title!r},
+    family={family},
+    reward={reward},
+    steps={steps},
+    guidance_scale={guidance_scale},
+    height={height},
+    width={width},
+    max_sequence_length={max_sequence_length},
+    title={title_literal},
 )
 
 if __name__ == "__main__":
@@ -692,23 +695,33 @@ if __name__ == "__main__":
 '''
 
 
+def _literal(value: Any) -> str:
+    return _py(value) if isinstance(value, str) else repr(value)
+
+
 def write_space(info: RunInfo, folder: str, *, model_ref: str, merged: bool, title: str) -> None:
     """Write a Gradio Space (``app.py``, ``requirements.txt``, ``README.md``) that serves the release with
-    ``diffalign.demo``; it loads the release from ``model_ref`` (a Hub id, or the folder above ``space/``)."""
+    ``diffalign.demo``. It loads the release from ``model_ref`` when that is a Hub id, else from the folder above
+    ``space/`` (then it runs where the release folder is, e.g. ``python OUT/space/app.py``, not on the Hub)."""
     os.makedirs(folder)
-    if is_hub_id(model_ref):
-        locate = f"from huggingface_hub import snapshot_download\n\nrelease = snapshot_download({model_ref!r})"
+    on_hub = is_hub_id(model_ref)
+    if on_hub:
+        imports = "from huggingface_hub import snapshot_download\n\n"
+        locate = f"release = snapshot_download({_py(model_ref)})"
     else:
+        imports = "import os\n\n"
         locate = "release = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the release folder"
-    sampling, rewards = info.section("sampling"), info.config.get("rewards") or [{}]
+        log.info("the Space loads the release from the folder above it; give --repo-id for one that runs on the Hub")
+    sampling, model = info.section("sampling"), info.section("model")
+    rewards = info.config.get("rewards") or [{}]
     app = SPACE_APP.format(
-        title=title, locate=locate, model="release" if merged else repr(info.base),
-        lora="None" if merged else "release", family=info.family, reward=rewards[0].get("name", "world"),
-        steps=sampling.get("num_steps"), guidance_scale=sampling.get("guidance_scale"), height=sampling.get("height"),
-        width=sampling.get("width"), max_sequence_length=info.section("model").get("max_sequence_length"),
+        title=title, imports=imports, locate=locate, model="release" if merged else _literal(info.base),
+        lora="None" if merged else "release", family=_literal(info.family),
+        reward=_literal(rewards[0].get("name", "world")), steps=_literal(sampling.get("num_steps")),
+        guidance_scale=_literal(sampling.get("guidance_scale")), height=_literal(sampling.get("height")),
+        width=_literal(sampling.get("width")), max_sequence_length=_literal(model.get("max_sequence_length")),
+        title_literal=_literal(title),
     )  # fmt: skip
-    if "os.path" not in locate:
-        app = app.replace("import os\n\n", "")
     with open(os.path.join(folder, "app.py"), "w") as f:
         f.write(app)
     with open(os.path.join(folder, "requirements.txt"), "w") as f:
@@ -716,13 +729,12 @@ def write_space(info: RunInfo, folder: str, *, model_ref: str, merged: bool, tit
                 "diffalign[demo]\n")  # fmt: skip
     from huggingface_hub import SpaceCard, SpaceCardData
 
-    extra = {"models": [model_ref]} if is_hub_id(model_ref) else {}
     data = SpaceCardData(title=title[:30], sdk="gradio", app_file="app.py", tags=["diffalign", "text-to-image"],
-                         **extra)  # fmt: skip
-    body = (f"A demo of [{title}]({model_ref}): a prompt in, images out, with inference-time steering (best-of-N, "
-            "SMC, DTS, DTS*, Doob) under an NFE budget.\n")  # fmt: skip
-    card = SpaceCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-    card.save(os.path.join(folder, "README.md"))
+                         **({"models": [model_ref]} if on_hub else {}))  # fmt: skip
+    name = f"[{title}](https://huggingface.co/{model_ref})" if on_hub else f"`{title}`"
+    body = (f"A demo of {name}: a prompt in, images out, with inference-time steering (best-of-N, SMC, DTS, DTS*, "
+            "Doob) under an NFE budget.\n")  # fmt: skip
+    SpaceCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(os.path.join(folder, "README.md"))
 
 
 # ----------------------------------------------------------------------------------------------------- upload

@@ -147,7 +147,7 @@ def test_model_card_metadata_evaluation_and_snippet_that_runs_as_written(world_r
         assert f"(images/{name}.png)" in text
 
     code = _python_block(text)
-    assert "resolve_model_path('builtin:world-sd3')" in code and repr(out) in code
+    assert 'resolve_model_path("builtin:world-sd3")' in code and f'"{out}"' in code
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(code, "snippet", "exec"), namespace)  # noqa: S102 - the card's own snippet, as written
@@ -156,7 +156,7 @@ def test_model_card_metadata_evaluation_and_snippet_that_runs_as_written(world_r
     ours = load_flow_model("sd3", WORLD, lora=world_run / "final", max_sequence_length=16)
     shape = ours.latent_shape(64, 64)
     noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
-    latents = sample(ours, ours.encode_prompt([re.search(r"image = pipe\(\n    '(.*?)'", code)[1]]),
+    latents = sample(ours, ours.encode_prompt([re.search(r'image = pipe\(\n    "(.*?)"', code)[1]]),
                      ours.time_grid(4, 64, 64), x_init=noise, guidance_scale=3.0).final  # fmt: skip
     expected = (ours.decode_latents(latents)[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
     got = torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.uint8).reshape(64, 64, 3)
@@ -174,9 +174,9 @@ def test_card_with_a_repo_id_and_a_hub_base(tiny_base, tmp_path):
     assert data["license"] == "other" and data["license_name"] == "stabilityai-ai-community"
     assert data["model_name"] == "tiny-lora" and "widget" not in data and "## Evaluation" not in card.text
     code = _python_block(card.text)
-    assert "'someone/tiny-lora'" in code and repr(sd35) in code
+    assert '"someone/tiny-lora"' in code and f'"{sd35}"' in code
     # the same snippet with the Hub ids pointing at the local copies runs and loads the released LoRA
-    code = code.replace("'someone/tiny-lora'", repr(out)).replace(repr(sd35), repr(str(tiny_base)))
+    code = code.replace('"someone/tiny-lora"', f'"{out}"').replace(f'"{sd35}"', f'"{tiny_base}"')
     code = code.replace('image.save("sample.png")', "")
     namespace = {}
     exec(compile(code, "snippet", "exec"), namespace)  # noqa: S102
@@ -193,7 +193,7 @@ def test_merged_release_loads_with_diffusion_pipeline_and_gives_the_runs_output(
     ours = _adapter_latents(load_flow_model("sd3", WORLD, lora=world_run / "final", max_sequence_length=16), 4, 64)
     torch.testing.assert_close(_stock_latents(pipe, 4, 64), ours, rtol=1e-4, atol=1e-4)
     card = ModelCard.load(os.path.join(out, "README.md"))
-    assert "lora" not in card.data.tags and "from_pretrained('" + out + "'" in _python_block(card.text)
+    assert "lora" not in card.data.tags and f'from_pretrained("{out}"' in _python_block(card.text)
 
 
 def test_full_fine_tuning_run_releases_the_pipeline_with_its_transformer(tiny_base, tmp_path):
