@@ -49,6 +49,7 @@ USER_ERRORS: dict[str, tuple[str, ...]] = {
     "diffalign.training.checkpoint": ("CheckpointError",),
     "diffalign.steering.base": ("BudgetError",),
     "diffalign.release": ("ReleaseError",),
+    "diffalign.demo": ("DemoError",),
 }
 
 

@@ -25,6 +25,10 @@ NO_STEERING = "none"
 DISPLAY_SIZE = 256  # smaller images are shown enlarged (nearest neighbour) to this many pixels a side
 
 
+class DemoError(ValueError):
+    """A model, reward or installation the demo cannot start with (reported in one line)."""
+
+
 @dataclass(kw_only=True)
 class DemoSettings:
     """What the page starts with (each can be changed on it, but the size and the prompt length).
@@ -76,13 +80,13 @@ def infer_family(path: str) -> str:
     folder = local_folder(resolve_model_path(path))
     index = os.path.join(folder, "model_index.json") if folder else try_to_load_from_cache(path, "model_index.json")
     if not isinstance(index, str):
-        raise ValueError(f"cannot tell the family of {path!r} (its model_index.json is not here); pass --family")
+        raise DemoError(f"cannot tell the family of {path!r} (its model_index.json is not here); pass --family")
     with open(index) as f:
         name = json.load(f).get("_class_name")
     for family, cls in FAMILIES.items():
         if name in {c.__name__ for c in cls.pipeline_classes}:
             return family
-    raise ValueError(f"{path!r} holds a {name}, which no diffalign family adapts")
+    raise DemoError(f"{path!r} holds a {name}, which no diffalign family adapts")
 
 
 @dataclass
@@ -226,13 +230,15 @@ def build_app(
     try:
         import gradio as gr
     except ImportError as e:
-        raise ImportError("the demo needs gradio: pip install 'diffalign[demo]'") from e
+        raise DemoError("the demo needs gradio: pip install 'diffalign[demo]'") from e
     from diffalign.rewards import REWARDS
 
     settings = BUILTIN_SETTINGS.get(model, DemoSettings())
     given = {"reward": reward, "steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
              "max_sequence_length": max_sequence_length}  # fmt: skip
     settings = replace(settings, **{k: v for k, v in given.items() if v is not None})
+    if settings.reward not in REWARDS:
+        raise DemoError(f"unknown reward {settings.reward!r}; expected one of {sorted(REWARDS)}")
     demo = Demo(model, family=family, lora=lora, settings=settings, device=device)
     s = demo.settings
     name = title or (f"{model} + {os.path.basename(os.path.normpath(lora))}" if lora else model)

@@ -630,6 +630,9 @@ def build_card(
                   f"`{info.sigmas}` as they are (no further shift), passed as `sigmas=` above.", ""]  # fmt: skip
     elif scheduler is not None:
         parts += ["The model comes with its own scheduler config (`scheduler/`), used as above.", ""]
+    if info.section("sampling").get("shift") is not None:
+        parts += [f"The run's evaluation sampled with a static time shift of {info.section('sampling')['shift']} "
+                  "(diffalign's `sampling.shift`); the snippet uses the scheduler's own schedule.", ""]  # fmt: skip
 
     lora, train, sampling = info.section("lora"), info.section("train"), info.section("sampling")
     parts += ["## Training", ""]

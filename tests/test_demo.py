@@ -1,6 +1,7 @@
 """The demo page: the generate call behind it, the Space a release writes, and the page itself in a real headless
 browser (Debian's chromium and chromium-driver, driven by selenium; skipped when they are not installed)."""
 
+import importlib.util
 import io
 import os
 import re
@@ -46,6 +47,16 @@ def test_generate_rejects_what_it_cannot_do(demo):
         demo.generate("  ", "best_of_n", 200)
     with pytest.raises(ValueError, match="budget|NFE"):
         demo.generate(PROMPT, "best_of_n", 10)  # less than one sample (40 NFE)
+
+
+def test_demo_command_rejects_a_bad_model_or_reward(tmp_path, capsys):
+    from diffalign.cli import main
+
+    assert main(["demo", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    if importlib.util.find_spec("gradio") is not None:
+        assert main(["demo", "--reward", "no_such_reward"]) == 2
+        assert "unknown reward 'no_such_reward'" in capsys.readouterr().err
 
 
 def test_release_writes_a_space_that_builds_the_page(tmp_path):
