@@ -3,7 +3,9 @@
 Commands: ``train`` (RL fine-tuning), ``sample`` (prompts -> images + grid), ``steer`` (inference-time steering
 toward a reward), ``eval`` (the embedded world's held-out benchmark), ``pretrain`` (build a world base model),
 ``score`` and ``train-reward`` (rewards),
-``show-config`` (print the resolved config), ``tiny`` (save a tiny random-weight pipeline of a family).
+``show-config`` (print the resolved config), ``tiny`` (save a tiny random-weight pipeline of a family),
+``release`` (a run folder -> a diffusers-loadable folder with a model card, optionally pushed to the Hub) and
+``demo`` (a Gradio page: prompt in, steered images out).
 
 This module imports only the standard library at start-up: a command's modules (torch, diffusers...) are imported
 when that command runs, so ``diffalign --help`` and ``diffalign COMMAND --help`` answer at once. Before a command
@@ -46,6 +48,8 @@ USER_ERRORS: dict[str, tuple[str, ...]] = {
     "diffalign.rewards.hub": ("CheckpointError",),
     "diffalign.training.checkpoint": ("CheckpointError",),
     "diffalign.steering.base": ("BudgetError",),
+    "diffalign.release": ("ReleaseError",),
+    "diffalign.demo": ("DemoError",),
 }
 
 
@@ -213,6 +217,20 @@ def cmd_tiny(args: argparse.Namespace) -> None:
     log.info("saved a tiny random-weight %s pipeline to %s", args.family, args.out)
 
 
+def cmd_release(args: argparse.Namespace) -> None:
+    from diffalign.release import release
+
+    release(args.run_dir, args.out, repo_id=args.repo_id, base_model=args.base_model, merge=args.merge,
+            push=args.push, private=args.private, space=args.space, force=args.force)  # fmt: skip
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from diffalign.demo import build_app, serve
+
+    app = build_app(args.model, family=args.family, lora=args.lora, reward=args.reward, device=args.device)
+    serve(app, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("release", help="release a run: a diffusers-loadable folder with a model card (and --push)")
+    p.add_argument("run_dir", help="the training run folder (config.yaml, final/, eval_*.json, grids/, curves.png)")
+    p.add_argument("--out", required=True, help="release folder to create (written atomically)")
+    p.add_argument("--repo-id", default=None, help="Hub repository namespace/name (the card's snippet loads it)")
+    p.add_argument("--push", action="store_true", help="upload to --repo-id (token: HF_TOKEN or 'hf auth login')")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--merge", action="store_true", help="release the whole pipeline with the LoRA fused in")
+    p.add_argument("--space", action="store_true", help="also write a Gradio Space into OUT/space")
+    p.add_argument("--base-model", default=None,
+                   help="Hub id of the base model for the card (when model.path is a local copy of it)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("demo", help="serve a Gradio page: prompt in, steered image out (needs diffalign[demo])")
+    p.add_argument("model", nargs="?", default="builtin:world-sd3", help="hub id, folder or builtin:NAME")
+    p.add_argument("--lora", default=None, help="a LoRA in diffusers' format (a run's final/ or a release)")
+    p.add_argument("--family", default=None, choices=["sd3", "flux", "flux2"], help="default: read from the model")
+    p.add_argument("--reward", default=None, help="reward registry name (default: world for the world model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
