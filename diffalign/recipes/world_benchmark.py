@@ -52,11 +52,17 @@ def evaluate_world(
 def format_summary(summary: dict[str, Any]) -> str:
     """A per-category accuracy table as text."""
     per = summary["per_category"]
-    lines = [f"{'category':<16}{'accuracy':>10}{'images':>8}", "-" * 34]
+
+    def ci(interval) -> str:
+        return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+    lines = [f"{'category':<16}{'accuracy':>10}{'95% interval':>18}{'images':>8}", "-" * 52]
     for name, row in per.items():
-        lines.append(f"{name:<16}{row['accuracy']:>10.3f}{row['n']:>8d}")
-    lines.append("-" * 34)
-    lines.append(f"{'overall':<16}{summary['overall']:>10.3f}{summary['n']:>8d}")
-    lines.append(f"{'image-level':<16}{summary['image_accuracy']:>10.3f}")
-    lines.append(f"{'mean score':<16}{summary['mean_score']:>10.3f}")
+        lines.append(f"{name:<16}{row['accuracy']:>10.3f}{ci(row['ci95']):>18}{row['n']:>8d}")
+    lines.append("-" * 52)
+    lines.append(f"{'overall':<16}{summary['overall']:>10.3f}{ci(summary['overall_ci95']):>18}{summary['n']:>8d}")
+    lines.append(f"{'image-level':<16}{summary['image_accuracy']:>10.3f}{ci(summary['image_accuracy_ci95']):>18}")
+    lines.append(f"{'partial credit':<16}{summary['mean_score']:>10.3f}")
+    if "mean_graded" in summary:
+        lines.append(f"{'graded credit':<16}{summary['mean_graded']:>10.3f}")
     return "\n".join(lines)

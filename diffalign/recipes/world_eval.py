@@ -13,6 +13,7 @@ from diffalign.config import ConfigError, ModelConfig, SamplingConfig, resolve_d
 from diffalign.images import save_grid
 from diffalign.pipelines import load_flow_model
 from diffalign.recipes.world_benchmark import evaluate_world, format_summary
+from diffalign.training.evaluation import select_prompts
 from diffalign.world.prompts import split_prompts
 
 log = logging.getLogger("diffalign.eval")
@@ -31,8 +32,9 @@ class EvalJob:
     """Evaluate a model (optionally with a LoRA: ``model.lora``) on the embedded world.
 
     Attributes:
-        split: ``test`` (held-out prompts, the benchmark) or ``train``.
+        split: ``test`` (held-out novel bindings), ``test_seen`` (held-out, GenEval-comparable) or ``train``.
         images_per_prompt: samples per prompt (GenEval uses 4).
+        max_prompts: evaluate at most this many prompts, taken round-robin over the categories (None: all).
         seed: image ``i`` uses seed ``(seed, i)``; the numbers are reproducible.
         out_dir: where ``eval.json``, ``grid.png`` and ``config.yaml`` go.
     """
@@ -40,8 +42,9 @@ class EvalJob:
     kind: Literal["eval"] = "eval"
     model: ModelConfig = field(default_factory=_world_model)
     sampling: SamplingConfig = field(default_factory=_world_sampling)
-    split: Literal["test", "train"] = "test"
+    split: Literal["test", "test_seen", "train"] = "test"
     images_per_prompt: int = 4
+    max_prompts: int | None = None
     seed: int = 0
     batch_size: int = 32
     out_dir: str = "runs/eval"
@@ -49,6 +52,8 @@ class EvalJob:
     def __post_init__(self) -> None:
         if self.images_per_prompt < 1:
             raise ConfigError("config key 'images_per_prompt': must be >= 1")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError("config key 'max_prompts': must be >= 1")
 
 
 def run_eval(job: EvalJob, out: str | None = None) -> dict:
@@ -60,8 +65,9 @@ def run_eval(job: EvalJob, out: str | None = None) -> dict:
     flow.latent_shape(job.sampling.height, job.sampling.width)
     os.makedirs(out, exist_ok=True)
     save_config(job, os.path.join(out, "config.yaml"))
-    result = evaluate_world(flow, split_prompts(job.split), job.sampling, images_per_prompt=job.images_per_prompt,
-                            seed=job.seed, batch_size=job.batch_size)  # fmt: skip
+    prompts = select_prompts([p.text for p in split_prompts(job.split)], job.max_prompts)
+    result = evaluate_world(flow, prompts, job.sampling, images_per_prompt=job.images_per_prompt, seed=job.seed,
+                            batch_size=job.batch_size)  # fmt: skip
     table = format_summary(result.summary)
     print(table)  # noqa: T201  (the command's output)
     with open(os.path.join(out, "eval.json"), "w") as f:
