@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 import yaml
-from omegaconf import MISSING, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -87,7 +87,18 @@ def _apply_override(config: Any, item: str) -> None:
         value = OmegaConf.from_dotlist([f"value={raw}"])["value"]  # YAML: numbers, booleans, null, lists, mappings
     except OmegaConfBaseException as e:
         raise ConfigError(f"override {item!r}: cannot parse the value: {str(e).splitlines()[0]}") from e
-    OmegaConf.update(config, key, value, merge=True)
+    # a whole mapping for a name -> value table (e.g. eval_sets) replaces it, as a whole list replaces a list;
+    # for a section of the schema (e.g. model) it sets the keys it names
+    node = OmegaConf.select(config, key, default=None)
+    table = isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
+    for depth in range(1, len(parts)):  # a new entry of a table (eval_sets.extra.prompts=...) is added whole
+        parent = OmegaConf.select(config, ".".join(parts[:depth]), default=None)
+        if isinstance(parent, DictConfig) and OmegaConf.get_type(parent) is dict and parts[depth] not in parent:
+            for name in reversed(parts[depth:]):
+                value = {name: value}
+            key, table = ".".join(parts[:depth]), False
+            break
+    OmegaConf.update(config, key, value, merge=not table)
 
 
 def load_config(
