@@ -64,6 +64,8 @@ class RAFTConfig:
         target: ``conditional`` or ``guided`` velocity fitted (module docstring).
         cfg_dropout: probability that a pair's prompt is dropped to "".
         anchor: weight of the ``|| v - v_ref ||^2`` term to the base model (0: none).
+        uncond_anchor: weight of ``|| v_u - v_u,ref ||^2``, which holds the unconditional velocity (the other half
+            of CFG, moved by the shared weights although it is not fitted) to the base model's (0: none).
         replay: fraction of each step's pairs that are fresh renders of the training prompts (world only).
     """
 
@@ -77,6 +79,7 @@ class RAFTConfig:
     target: Literal["conditional", "guided"] = "guided"
     cfg_dropout: float = 0.0
     anchor: float = 0.0
+    uncond_anchor: float = 0.0
     replay: float = 0.0
 
     def __post_init__(self) -> None:
@@ -86,8 +89,9 @@ class RAFTConfig:
                 raise ConfigError(f"config key 'raft.{key}': must be >= 1, got {getattr(self, key)}")
         if self.keep > self.samples_per_prompt:
             raise ConfigError(f"config key 'raft.keep': at most samples_per_prompt ({self.samples_per_prompt})")
-        if not 0 <= self.cfg_dropout < 1 or not 0 <= self.replay < 1 or self.anchor < 0:
-            raise ConfigError("config keys 'raft.cfg_dropout'/'raft.replay' must be in [0, 1), 'raft.anchor' >= 0")
+        if not 0 <= self.cfg_dropout < 1 or not 0 <= self.replay < 1 or min(self.anchor, self.uncond_anchor) < 0:
+            raise ConfigError("config keys 'raft.cfg_dropout'/'raft.replay' must be in [0, 1), "
+                              "'raft.anchor'/'raft.uncond_anchor' >= 0")  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -121,8 +125,8 @@ class RAFTTrainer(Trainer):
                               f"split over {acc.num_processes} processes")  # fmt: skip
         self.ft = Finetuning(ctx, self.cfg.steps_per_round)
         self.flow = self.ft.flow
-        if self.cfg.anchor > 0 and not self.ft.uses_lora:
-            raise ConfigError("config key 'raft.anchor': the anchor to the base model needs a LoRA (lora.rank > 0)")
+        if (self.cfg.anchor > 0 or self.cfg.uncond_anchor > 0) and not self.ft.uses_lora:
+            raise ConfigError("config key 'raft.anchor': the anchors to the base model need a LoRA (lora.rank > 0)")
         if self.cfg.replay > 0:
             from diffalign.world.prompts import is_world_prompt
 
@@ -224,22 +228,29 @@ class RAFTTrainer(Trainer):
         t = compute_density_for_timestep_sampling("logit_normal", len(prompts), logit_mean=0.0, logit_std=1.0,
                                                   generator=gen).to(flow.device)  # fmt: skip
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-        v = self._velocity(x_t, t, cond)
+        v, v_uncond = self._velocity(x_t, t, cond)
         terms = {"loss_fm": weight * F.mse_loss(v.float(), noise - x0)}
-        if cfg.anchor > 0:
+        if cfg.anchor > 0 or cfg.uncond_anchor > 0:
             with torch.no_grad(), flow.adapter(None):
-                v_ref = self._velocity(x_t, t, cond)
-            terms["loss_anchor"] = weight * cfg.anchor * F.mse_loss(v.float(), v_ref.float())
+                v_ref, v_uncond_ref = self._velocity(x_t, t, cond)
+            if cfg.anchor > 0:
+                terms["loss_anchor"] = weight * cfg.anchor * F.mse_loss(v.float(), v_ref.float())
+            if cfg.uncond_anchor > 0:
+                terms["loss_uncond_anchor"] = weight * cfg.uncond_anchor * F.mse_loss(v_uncond.float(),
+                                                                                     v_uncond_ref.float())  # fmt: skip
         return terms
 
-    def _velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        if self.cfg.target == "conditional" or self.scale == 1.0:
-            return self.flow.velocity(x_t, t, cond)
+    def _velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> tuple[Tensor, Tensor | None]:
+        """The fitted velocity (conditional, or guided with the unconditional branch detached) and, with CFG,
+        the unconditional velocity (with its gradient, for the anchor that holds it to the base)."""
+        if self.scale == 1.0 or (self.cfg.target == "conditional" and self.cfg.uncond_anchor == 0):
+            return self.flow.velocity(x_t, t, cond), None
         both = self.flow.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                   Cond.cat([self.flow.empty_cond(len(cond)), cond]))  # fmt: skip
         v_uncond, v_cond = both.chunk(2)
-        v_uncond = v_uncond.detach()
-        return v_uncond + self.scale * (v_cond - v_uncond)
+        if self.cfg.target == "conditional":
+            return v_cond, v_uncond
+        return v_uncond.detach() + self.scale * (v_cond - v_uncond.detach()), v_uncond
 
     # ------------------------------------------------------------------------------------------------- loop hooks
     def evaluate(self, epoch: int, tag: str) -> dict[str, Any]:
