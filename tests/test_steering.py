@@ -367,6 +367,16 @@ def test_a_whole_float_budget_is_accepted_and_a_fractional_one_is_an_error(sd3, 
             steer(problem, method, bad, generator=torch.Generator().manual_seed(0))
 
 
+def test_a_steer_config_takes_a_whole_float_budget():
+    from diffalign.config import ConfigError, load_config
+    from diffalign.steering.jobs import SteerJob
+
+    assert load_config(SteerJob, {"budget": 800.0}).budget == 800
+    assert load_config(SteerJob, {}, ["budget=640"]).budget == 640
+    with pytest.raises(ConfigError, match="'budget'.*whole number"):
+        load_config(SteerJob, {"budget": 800.5})
+
+
 def test_an_empty_stochastic_window_is_a_clear_error(sd3):
     with pytest.raises(ValueError, match="sde.steps=.*selects none"):
         _problem(sd3, sde=SDE(steps=[]))
