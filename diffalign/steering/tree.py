@@ -28,11 +28,11 @@ exp(lam r)``: self-normalised importance sampling of ``p_theta exp(lam r)`` over
    per level: the root widens while its children number fewer than ``C N^alpha`` after ``N`` iterations, then
    level ``m`` while its expansions number fewer than ``C V_m^alpha`` after ``V_m`` walks reached it, and the
    deepest branching level takes the rest. The counts never depend on the values. The default ``C = 2,
-   alpha = 0.9`` keeps the tree root-heavy: every rollout starts from fresh noise up to ~1000 iterations, then
-   a growing share branches below it (mostly at the first branching level). On the analytic mixtures
-   (``docs/steering_analytic.md``) every branch below the root trades an independent sample for a correlated
-   one, and that pays only for strong tilts at large budgets; a narrower setting (``C = 1, alpha = 0.5``)
-   branches from the first iterations, for sharp rewards at small budgets.
+   alpha = 0.9`` keeps the tree root-heavy: every rollout starts from fresh noise for the first ~1000
+   iterations, then a growing share branches below the root, at the first branching level first (a tenth of
+   3200 iterations). On the analytic mixtures (``docs/steering_analytic.md``) a branch trades an independent
+   sample for one correlated with its sibling, which pays only at large budgets; a narrower setting
+   (``C = 1, alpha = 0.5``) branches from the first iterations, for sharp rewards at small budgets.
 2. **Node**: among all level-``m`` nodes draw ``s`` from ``q(s) = (1 - eps) pi(s) exp(lam v(s)) / Z + eps pi(s)``,
    where ``pi(s) = w(s) / sum_{level m} w`` is the tree's estimate of the base distribution at that level,
    ``v(s) = (1/lam) log(sum_{leaves below s} w exp(lam r) / sum_{leaves below s} w)`` is the weighted soft value
