@@ -41,22 +41,23 @@ exp(lam r)``: self-normalised importance sampling of ``p_theta exp(lam r)`` over
    the way gets ``w = pi(s) / q(s)`` (``w = 1`` for a rollout from the root: fresh noise is an exact base draw).
 4. **Backup**: add ``w`` and ``w exp(lam r)`` to the sums of every node on the path.
 
-*Why it converges to the target, whatever the tree's shape.* Let ``mu_m`` be the weighted empirical measure of
-the level-``m`` nodes (``sum w delta_x / sum w``) and ``p_m`` the base marginal at that level. A node created at
-level ``m + 1`` by a rollout from a level-``j`` start node ``s`` (``j <= m``; ``j = -1``: the root, ``mu_{-1}``
-exact) has, given the tree before the iteration, ``E[w f(x)] = sum_s q(s) (pi(s) / q(s)) (P f)(s) =
-mu_j(P f)``, where ``P`` is the base kernel from level ``j`` to ``m + 1``, and ``E[w] = 1``. So
-``sum (w f(x) - mu_j(P f))`` over the level-``m + 1`` nodes is a martingale with bounded increments
-(``w <= 1/eps``), and ``mu_{m+1}(f)`` is, up to that martingale divided by the number of nodes, an average of
-``mu_j(P f)`` over past iterations. If every ``mu_j`` with ``j <= m`` converges to ``p_j`` (induction; the root
-widens forever, so every level receives infinitely many nodes), that average converges to ``p_j(P f) =
-p_{m+1}(f)``. Hence ``mu_m -> p_m`` at every level, and the read-out, the leaf measure tilted by ``exp(lam r)``
-with ``r`` bounded, converges to ``p_theta exp(lam r)``. Nothing in the argument depends on which level or which
-node is widened: the level rule, the within-level proposal (any ``q`` with bounded ``pi / q``), the branching
-steps and the wave size change the variance, never the limit. At a finite budget the read-out is a ratio
-estimate (bias ``O(1 / leaves)``); ``readout_ess`` in the result reports its effective sample size. The weight
-``w = pi(s) / q(s) = exp(lam (v_bar - v(s)))`` (for ``eps = 0``, ``v_bar`` the level's weighted soft value) is
-the tree's version of SMC's ``diff`` potential: a rollout from a node that looked good must prove it.
+*Why it converges to the target, whatever the tree's shape.* Let ``mu_m`` be the weighted empirical measure of the
+level-``m`` nodes (``sum w delta_x / sum w``) and ``p_m`` the base marginal at that level. A node created at level
+``m + 1`` by a rollout from a level-``j`` start node ``s`` (``j <= m``; ``j = -1``: the root, ``mu_{-1}`` exact)
+has, given the tree before the iteration, ``E[w f(x)] = sum_s q(s) (pi(s) / q(s)) (P f)(s) = mu_j(P f)``, where
+``P`` is the base kernel from level ``j`` to ``m + 1``, and ``E[w] = 1``. So ``sum (w f(x) - mu_j(P f))`` over the
+level-``m + 1`` nodes is a martingale with bounded increments (``w <= 1/eps``; for ``eps = 0`` a bounded reward
+bounds ``w`` by ``exp(lam (r_max - r_min))``), and ``mu_{m+1}(f)`` is, up to that martingale divided by the number
+of nodes, an average of ``mu_j(P f)`` over past iterations. If every ``mu_j`` with ``j <= m`` converges to ``p_j``
+(induction; the root widens forever, so every level receives infinitely many nodes), that average converges to
+``p_j(P f) = p_{m+1}(f)``. Hence ``mu_m -> p_m`` at every level, and the read-out, the leaf measure tilted by
+``exp(lam r)`` with ``r`` bounded, converges to ``p_theta exp(lam r)``. Nothing in the argument depends on which
+level or which node is widened, as long as the root keeps widening: the level rule, the within-level proposal (any
+``q`` with bounded ``pi / q``), the branching steps and the wave size change the variance, never the limit. At a
+finite budget the read-out is a ratio estimate (bias ``O(1 / leaves)``); ``readout_ess`` in the result reports its
+effective sample size. The weight ``w = pi(s) / q(s) = exp(lam (v_bar - v(s)))`` (for ``eps = 0``; ``exp(lam v_bar)
+= sum_s pi(s) exp(lam v(s))``) is the tree's version of SMC's ``diff`` potential: a rollout from a node that looked
+good must prove it.
 
 **DTS\\* (``search=True``)**: the paper's tree search, with UCT selection ``v + c_uct sqrt(log N(parent) /
 N(child))`` and the same progressive widening per node. It is a search, so its read-out is the best leaf found
