@@ -57,12 +57,13 @@ def method_arguments(method: str) -> set[str]:
 def steer(
     problem: SteeringProblem,
     method: str,
-    budget: int,
+    budget: int | float,
     *,
     generator: torch.Generator | None = None,
     **kwargs: Any,
 ) -> SteeringResult:
-    """Run steering method ``method`` (a key of ``METHODS``) on ``problem`` with ``budget`` NFE."""
+    """Run steering method ``method`` (a key of ``METHODS``) on ``problem`` with ``budget`` NFE (a whole number:
+    ``800`` or ``800.0``)."""
     if method not in METHODS:
         raise ValueError(f"unknown steering method {method!r}; expected one of {sorted(METHODS)}")
     check_generator(generator, problem.flow.device)

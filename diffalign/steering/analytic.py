@@ -9,10 +9,13 @@ responsibility-weighted ``E[eps - x0 | x_t, k]``:
 
 For a linear reward ``r(x) = <c, x>`` the steering target ``p(x) exp(lam r(x))`` is again a mixture: component
 ``k`` moves to ``m_k + lam s_k^2 c`` and its weight is multiplied by ``exp(lam <c, m_k> + lam^2 s_k^2 |c|^2 / 2)``
-(``tilt_linear``), so steered samples can be compared with exact target samples (``energy_distance``). For any
-other bounded reward the target's mass on each mixture component (``target_mode_weights``, by self-normalised
-importance weighting of 400k exact draws) gives the coarse-grained total variation ``mode_tv``; the ring's
-``alternating_reward`` ``cos(K/2 * angle)`` favours every other mode.
+(``tilt_linear``), so steered samples can be compared with exact target samples (``energy_distance``). For a
+bounded reward ``r <= r_max`` rejection sampling of base draws with acceptance ``exp(lam (r - r_max))`` gives
+exact target draws as well (``rejection_sample``). ``measure_energy_distance`` compares a weighted output (a
+tree's read-out distribution, SMC's weighted particles) with those draws. The target's mass on each mixture
+component (``target_mode_weights``, by self-normalised importance weighting of 400k exact draws) gives the
+coarse-grained total variation ``mode_tv``; the ring's ``alternating_reward`` ``cos(K/2 * angle)`` favours
+every other mode.
 Latents are ``(B, D, 1, 1)``, the image convention with a 1x1 "image" of D channels.
 """
 
@@ -127,6 +130,75 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
         return float(d.mean())
 
     return 2 * mean_dist(x, y, False) - mean_dist(x, x, True) - mean_dist(y, y, True)
+
+
+def _mean_distance(a: Tensor, b: Tensor, weights: Tensor | None = None, chunk: int = 2048) -> float:
+    """``sum_i w_i mean_j |a_i - b_j|`` (``w`` uniform when None), in row chunks so large sets fit in memory."""
+    w = torch.full((a.shape[0],), 1.0 / a.shape[0], dtype=torch.float64) if weights is None else weights
+    total = 0.0
+    for start in range(0, a.shape[0], chunk):
+        d = torch.cdist(a[start : start + chunk], b)
+        total += float((w[start : start + chunk, None] * d).sum()) / b.shape[0]
+    return total
+
+
+def measure_energy_distance(
+    x: Tensor, y: Tensor, weights: Tensor | None = None, y_spread: float | None = None
+) -> float:
+    """Energy distance between the discrete measure ``sum_i w_i delta(x_i)`` and the distribution ``y`` was drawn
+    from: ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` with ``X, X'`` independent draws of the measure (so repeated or
+    heavily weighted points cost what they cost a sampler that returns them) and ``E|Y - Y'|`` over distinct pairs.
+
+    Args:
+        x: ``(n, ...)`` support points; ``weights``: ``(n,)`` non-negative (normalised here; None = uniform).
+        y: ``(m, ...)`` independent draws of the reference distribution.
+        y_spread: ``E|Y - Y'|`` when already known (``mean_pairwise_distance(y)``), to skip recomputing it.
+
+    For ``n`` independent draws of the reference with equal weights its expectation is ``E|Y - Y'| / n``: the
+    sampling floor of an ``n``-sample output.
+    """
+    x = x.reshape(x.shape[0], -1).double()
+    y = y.reshape(y.shape[0], -1).double()
+    w = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=torch.float64) if weights is None else weights.double()
+    if bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError("weights must be non-negative with a positive sum")
+    w = w / w.sum()
+    within = 0.0
+    for start in range(0, x.shape[0], 2048):
+        d = torch.cdist(x[start : start + 2048], x)
+        within += float((w[start : start + 2048, None] * d * w[None]).sum())
+    spread = mean_pairwise_distance(y) if y_spread is None else y_spread
+    return 2 * _mean_distance(x, y, w) - within - spread
+
+
+def mean_pairwise_distance(y: Tensor) -> float:
+    """``E|Y - Y'|`` over the distinct pairs of ``(m, ...)`` samples."""
+    y = y.reshape(y.shape[0], -1).double()
+    m = y.shape[0]
+    return _mean_distance(y, y) * m / (m - 1)
+
+
+def rejection_sample(
+    mixture: GaussianMixture,
+    reward: Callable[[Tensor], Tensor],
+    lam: float,
+    num: int,
+    r_max: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``(num, D)`` exact draws of ``p(x) exp(lam r(x))`` for a reward bounded by ``r_max``: base draws accepted
+    with probability ``exp(lam (r - r_max))``."""
+    kept: list[Tensor] = []
+    count = 0
+    while count < num:
+        x = mixture.sample(max(4 * num, 10_000), generator)
+        r = reward(x).double()
+        if bool((r > r_max + 1e-6).any()):
+            raise ValueError(f"reward exceeds r_max={r_max}: max {float(r.max())}")
+        accept = torch.rand(x.shape[0], generator=generator, dtype=torch.float64) < torch.exp(lam * (r - r_max))
+        kept.append(x[accept])
+        count += int(accept.sum())
+    return torch.cat(kept)[:num]
 
 
 def alternating_reward(z: Tensor, modes: int = 8) -> Tensor:

@@ -6,11 +6,13 @@ A ``SteeringProblem`` steers the sampler of one prompt toward ``p_theta(x0) exp(
 velocity with CFG (``velocity``), one stochastic transition (``transition``) and the terminal reward of clean
 latents (``reward``). NFE is counted by the flow (per-sample transformer rows, so a CFG step costs 2 per
 particle); ``step_cost`` is that cost per particle and step, and ``sample_cost`` the cost of one full sample.
+A budget is a whole number of NFE (``800`` or ``800.0``; ``800.5`` is an error).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,6 +48,16 @@ class BudgetError(ValueError):
     """The NFE budget cannot buy what the method needs (at least one full sample)."""
 
 
+def nfe_budget(budget: int | float) -> int:
+    """``budget`` as an ``int`` NFE count: integers and integral floats (``800.0``) pass, anything else (``800.5``,
+    NaN, a string, a bool) is a ``ValueError``."""
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        return int(budget)
+    if isinstance(budget, numbers.Real) and not isinstance(budget, bool) and float(budget).is_integer():
+        return int(budget)
+    raise ValueError(f"budget must be a whole number of NFE, got {budget!r}")
+
+
 def image_reward(flow: Any, reward: Reward | Callable[..., Tensor], prompt: str) -> LatentReward:
     """Decode latents with the flow's VAE and score the images against ``prompt`` (a ``Reward``, a ``RewardSet``:
     its weighted total, or any ``f(images, prompts)``): a ``LatentReward``."""
@@ -76,7 +88,8 @@ class SteeringProblem:
         times: ``(T+1,)`` decreasing time grid (``flow.time_grid``).
         shape: ``(C, H, W)`` latent shape.
         reward: terminal reward on clean latents (``image_reward`` wraps an image reward).
-        sde: the stochastic step used for every transition (steering needs a stochastic kernel).
+        sde: the stochastic step (steering needs a stochastic kernel); ``sde.steps`` selects the stochastic steps
+            (the others are Euler ODE steps, in every method's transitions) and must select at least one.
         guidance_scale, uncond, guidance: CFG scale, its unconditional conditioning (batch 1; default the empty
             prompt) and embedded guidance, as in ``sample``.
         inverse_temperature: ``lam > 0`` in ``exp(lam r)``.
@@ -106,6 +119,12 @@ class SteeringProblem:
         self.times = self.times.detach().float().cpu()
         if self.times.ndim != 1 or len(self.times) < 2:
             raise ValueError(f"times must be a 1-d grid of at least 2 points, got shape {tuple(self.times.shape)}")
+        self.stochastic = self.sde.mask(self.num_steps)
+        if not bool(self.stochastic.any()):
+            raise ValueError(
+                f"sde.steps={list(self.sde.steps or [])} selects none of the {self.num_steps} steps: steering needs "
+                "at least one stochastic step (sde.steps=None makes every step stochastic)"
+            )
         if self.guidance_scale != 1.0 and self.uncond is None:
             self.uncond = self.flow.empty_cond(1)
         self._conds: dict[int, tuple[Cond, Cond | None]] = {}
@@ -125,14 +144,17 @@ class SteeringProblem:
         """NFE of one full sample from noise."""
         return self.num_steps * self.step_cost
 
-    def check_budget(self, budget: int, needed: int | None = None, what: str = "one sample") -> None:
-        """Raise ``BudgetError`` when ``budget`` NFE cannot pay for ``needed`` (default: one full sample)."""
+    def check_budget(self, budget: int | float, needed: int | None = None, what: str = "one sample") -> int:
+        """``budget`` as an int (``nfe_budget``); ``BudgetError`` when it cannot pay for ``needed`` NFE (default: one
+        full sample)."""
+        budget = nfe_budget(budget)
         needed = self.sample_cost if needed is None else needed
-        if not isinstance(budget, int) or budget < needed:
+        if budget < needed:
             raise BudgetError(
                 f"budget {budget} NFE is below the cost of {what} ({needed} NFE = {self.num_steps} steps x "
                 f"{self.step_cost} per step)"
             )
+        return budget
 
     # ------------------------------------------------------------------------------------------------ model
     def _batch_conds(self, batch: int) -> tuple[Cond, Cond | None]:
@@ -151,14 +173,18 @@ class SteeringProblem:
     def transition(
         self, x: Tensor, index: int, generator: torch.Generator | None, v: Tensor | None = None
     ) -> tuple[StepOutput, Tensor]:
-        """One stochastic step ``index`` (``times[index] -> times[index + 1]``) of B particles.
+        """Step ``index`` (``times[index] -> times[index + 1]``) of B particles: the SDE step where ``sde.steps``
+        makes it stochastic, the Euler ODE step elsewhere (as ``sample`` does).
 
         Returns the step and the velocity used (computed here unless ``v`` is given).
         """
         t, t_next = float(self.times[index]), float(self.times[index + 1])
         if v is None:
             v = self.velocity(x, t)
-        out = step(self.sde.kind, x, v, t, t_next, noise_level=self.sde.noise_level, generator=generator)
+        if not self.stochastic[index]:
+            return step("ode", x, v, t, t_next), v
+        out = step(self.sde.kind, x, v, t, t_next, noise_level=self.sde.noise_level, generator=generator,
+                   reduce=self.sde.reduce)  # fmt: skip
         return out, v
 
     def sample(

@@ -38,7 +38,7 @@ def best_of_n(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    problem.check_budget(budget, num_samples * problem.sample_cost, f"{num_samples} samples")
+    budget = problem.check_budget(budget, num_samples * problem.sample_cost, f"{num_samples} samples")
     per_output = budget // (num_samples * problem.sample_cost)
     total = per_output * num_samples
     nfe_start = problem.flow.nfe

@@ -17,6 +17,7 @@ from diffalign.pipelines import load_flow_model
 from diffalign.rewards import RewardConfig, build_reward_set
 from diffalign.sampling.sampler import SDE
 from diffalign.steering import METHODS, method_arguments
+from diffalign.steering.base import nfe_budget
 from diffalign.steering.pipeline import SteeringPipeline
 
 log = logging.getLogger("diffalign.steer")
@@ -36,7 +37,7 @@ class SteerJob:
 
     Attributes:
         method: ``dts``, ``dts_star``, ``doob``, ``smc`` or ``best_of_n``.
-        budget: NFE per prompt (a CFG step costs 2 per particle).
+        budget: NFE per prompt (a CFG step costs 2 per particle), a whole number (``800`` or ``800.0``).
         inverse_temperature: ``lam > 0`` in ``p(x) exp(lam r(x))``.
         rewards: the reward(s) steered toward (weighted total).
         images_per_prompt: images kept per prompt (the highest-reward ones the method returns).
@@ -50,7 +51,7 @@ class SteerJob:
     model: ModelConfig = field(default_factory=_world_model)
     sampling: SamplingConfig = field(default_factory=_world_sampling)
     method: Literal["dts", "dts_star", "doob", "smc", "best_of_n"] = "dts_star"
-    budget: int = 800
+    budget: float = 800  # a whole number of NFE; stored as an int
     inverse_temperature: float = 1.0
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig(name="world")])
     images_per_prompt: int = 1
@@ -62,6 +63,10 @@ class SteerJob:
             raise ConfigError(f"config key 'inverse_temperature': must be > 0, got {self.inverse_temperature}")
         if self.sampling.sde == "ode":
             raise ConfigError("config key 'sampling.sde': steering needs a stochastic sampler (flow_sde, cps, dance)")
+        try:
+            self.budget = nfe_budget(self.budget)
+        except ValueError as e:
+            raise ConfigError(f"config key 'budget': {e}") from e
         if self.budget < 1:
             raise ConfigError(f"config key 'budget': must be >= 1 NFE, got {self.budget}")
         if self.images_per_prompt < 1:

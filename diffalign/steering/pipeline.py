@@ -94,7 +94,7 @@ class SteeringPipeline:
         reward: Reward | str | Callable[..., Tensor],
         *,
         method: str = "dts_star",
-        budget: int = 1000,
+        budget: int | float = 1000,
         num_inference_steps: int = 28,
         height: int = 512,
         width: int = 512,
@@ -112,8 +112,9 @@ class SteeringPipeline:
         Args:
             prompt: one prompt or a list.
             reward: a ``Reward``, a registry name (``"world"``, ``"pickscore"``, ...) or ``f(images, prompts)``.
-            method: ``dts``, ``dts_star``, ``doob``, ``smc`` or ``best_of_n``.
-            budget: NFE per prompt (a CFG step costs 2 per particle).
+            method: ``dts``, ``dts_star``, ``doob``, ``smc`` or ``best_of_n``. With ``num_images_per_prompt = n``
+                DTS* returns its ``n`` best distinct leaves and DTS ``n`` draws of its read-out distribution.
+            budget: NFE per prompt, a whole number (a CFG step costs 2 per particle).
             guidance_scale: CFG scale (None: the family default).
             inverse_temperature: ``lam`` in ``exp(lam r)``.
             sde, noise_level: the stochastic step steering runs on (``flow_sde``, ``cps``, ``dance``).

@@ -70,6 +70,8 @@ class FeynmanKacHook(SteeringHook):
         self.ess: list[float] = []
         self.reward_calls = 0
         self.final_rewards: Tensor | None = None
+        self.final_latents: Tensor | None = None
+        self.final_log_weights: Tensor | None = None
 
     def _log_potential(self, r: Tensor, final: bool) -> Tensor:
         lam = self.lam
@@ -99,6 +101,8 @@ class FeynmanKacHook(SteeringHook):
         self.log_w = self.log_w + log_g
         ess = effective_sample_size(self.log_w)
         self.ess.append(ess)
+        if final:
+            self.final_latents, self.final_log_weights = info.out.x_next, self.log_w.clone()
         if not final and ess >= self.ess_threshold * len(self.log_w):
             return None
         idx = systematic_resample(self.log_w, self.generator).to(self.log_w.device)
@@ -139,7 +143,7 @@ def smc(
         raise ValueError(f"unknown potential {potential!r}; expected one of {list(POTENTIALS)}")
     if not 0 < ess_threshold <= 1:
         raise ValueError(f"ess_threshold must be in (0, 1], got {ess_threshold}")
-    problem.check_budget(budget)
+    budget = problem.check_budget(budget)
     k = budget // problem.sample_cost if num_particles is None else num_particles
     if k < 1:
         raise ValueError(f"num_particles must be >= 1, got {k}")
@@ -157,5 +161,6 @@ def smc(
         nfe=problem.flow.nfe - nfe_start,
         method="smc",
         info={"particles": k, "resample_steps": hook.resample_steps, "ess": hook.ess,
-              "reward_calls": hook.reward_calls, "ancestors": traj.ancestors},
+              "reward_calls": hook.reward_calls, "ancestors": traj.ancestors,
+              "weighted_latents": hook.final_latents, "final_log_weights": hook.final_log_weights},
     )  # fmt: skip
