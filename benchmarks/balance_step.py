@@ -19,18 +19,14 @@ warm-up; the fastest is the steadier figure on a shared machine):
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from diffalign.balance import BalanceConfig, GradientBalancer, marble_solution, reward_losses  # noqa: E402
-from diffalign.pipelines import load_flow_model  # noqa: E402
-from diffalign.sampling.sampler import SDE, transition_log_prob  # noqa: E402
+from diffalign.balance import BalanceConfig, GradientBalancer, marble_solution, reward_losses
+from diffalign.pipelines import load_flow_model
+from diffalign.sampling.sampler import SDE, transition_log_prob
 
 
 def world_micro_step(batch: int, seed: int = 0):

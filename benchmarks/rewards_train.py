@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from diffalign.algorithms.reward_model import TrainRewardJob, train_reward  # noqa: E402
-from diffalign.config import load_config  # noqa: E402
+from diffalign.algorithms.reward_model import TrainRewardJob, train_reward
+from diffalign.config import load_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "rewards")
 

@@ -34,8 +34,6 @@ output measure, its effective sample size), then a summary table of mean distanc
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,10 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from diffalign.steering import SteeringProblem, steer  # noqa: E402
-from diffalign.steering.analytic import (  # noqa: E402
+from diffalign.steering import SteeringProblem, steer
+from diffalign.steering.analytic import (
     GaussianMixture,
     GaussianMixtureFlow,
     alternating_reward,
@@ -54,7 +50,7 @@ from diffalign.steering.analytic import (  # noqa: E402
     measure_energy_distance,
     rejection_sample,
 )
-from diffalign.steering.doob import doob_cost  # noqa: E402
+from diffalign.steering.doob import doob_cost
 
 METHODS = ("dts", "dts-paper", "smc", "is", "best_of_n", "doob")
 TARGETS = ("ring", "mixture-linear", "mixture-tanh", "mixture8-linear")

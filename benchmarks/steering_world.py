@@ -28,20 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from diffalign.rewards import PreferenceModelReward, WorldReward  # noqa: E402
-from diffalign.sampling.sampler import SDE  # noqa: E402
-from diffalign.steering import SteeringPipeline, steer  # noqa: E402
-from diffalign.steering.base import chunks  # noqa: E402
-from diffalign.world import evaluate_batch, test_prompts  # noqa: E402
+from diffalign.rewards import PreferenceModelReward, WorldReward
+from diffalign.sampling.sampler import SDE
+from diffalign.steering import SteeringPipeline, steer
+from diffalign.steering.base import chunks
+from diffalign.steering.best_of_n import best_of_n_curve
+from diffalign.world import evaluate_batch, test_prompts
 
 PAPER_WIDENING = {"widening": 2.0, "alpha": 0.8}
 
@@ -73,22 +70,6 @@ def world_sde_sampler(device: str, num_steps: int = 20):
                                             max_sequence_length=16).flow  # fmt: skip
     return (flow, WorldReward("score"), SDE(kind="flow_sde", noise_level=0.7), flow.time_grid(num_steps, 64, 64),
             flow.latent_shape(64, 64))  # fmt: skip
-
-
-def best_of_n_curve(rewards: list[float], correct: list[bool]) -> list[tuple[float, float]]:
-    """Expected (reward, accuracy) of the best of ``n`` i.i.d. draws for ``n = 1..len(pool)``, from one pool."""
-    order = sorted(range(len(rewards)), key=lambda k: (rewards[k], correct[k]))
-    size = len(order)
-    # weights[n - 1, r] = C(r, n - 1) / C(size, n) for the 0-based rank r, through log-gamma (pools of thousands)
-    n = torch.arange(1, size + 1, dtype=torch.float64)[:, None]
-    r = torch.arange(size, dtype=torch.float64)[None, :]
-    log_comb_r = torch.lgamma(r + 1) - torch.lgamma(n) - torch.lgamma((r - n + 2).clamp(min=1))
-    log_weights = (
-        log_comb_r - torch.lgamma(torch.tensor(size + 1.0)) + torch.lgamma(n + 1) + torch.lgamma(size - n + 1)
-    )
-    weights = torch.where(r >= n - 1, log_weights.exp(), torch.zeros(()))
-    values = torch.tensor([[rewards[k], float(correct[k])] for k in order], dtype=torch.float64)
-    return [(float(a), float(b)) for a, b in (weights @ values).tolist()]
 
 
 def main() -> None:

@@ -476,18 +476,14 @@ def test_cli_steer_writes_images_rewards_and_nfe_and_rejects_bad_configs(tmp_pat
 
 
 def test_world_benchmark_best_of_n_curve_is_the_mean_over_all_subsets():
-    """The steering benchmark's best-of-N estimator equals brute force over every size-n subset of a pool."""
-    import importlib.util
+    """The best-of-N curve of one pool equals brute force over every size-n subset of a pool."""
     import itertools
-    import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "steering_world.py")
-    spec = importlib.util.spec_from_file_location("steering_world", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from diffalign.steering.best_of_n import best_of_n_curve
+
     rewards = [0.25, 1.0, 0.5, 0.125, 0.75, 0.375, 0.625]
     correct = [r == 1.0 for r in rewards]
-    curve = bench.best_of_n_curve(rewards, correct)
+    curve = best_of_n_curve(rewards, correct)
     for n in range(1, len(rewards) + 1):
         subsets = list(itertools.combinations(range(len(rewards)), n))
         best = [max(s, key=lambda k: rewards[k]) for s in subsets]

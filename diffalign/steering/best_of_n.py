@@ -58,3 +58,23 @@ def best_of_n(
         method="best_of_n",
         info={"candidates": per_output, "all_rewards": all_rewards},
     )
+
+
+def best_of_n_curve(rewards: list[float], correct: list[bool]) -> list[tuple[float, float]]:
+    """Expected (reward, accuracy) of the best of ``n`` draws without replacement from one pool, ``n = 1..len(pool)``.
+
+    The exact mean over all size-``n`` subsets of the pool (ties broken by correctness), so one pool of ``N``
+    samples per prompt gives best-of-n for every ``n <= N`` without resampling. Returns ``len(rewards)`` pairs.
+    """
+    order = sorted(range(len(rewards)), key=lambda k: (rewards[k], correct[k]))
+    size = len(order)
+    # weights[n - 1, r] = C(r, n - 1) / C(size, n) for the 0-based rank r, through log-gamma (pools of thousands)
+    n = torch.arange(1, size + 1, dtype=torch.float64)[:, None]
+    r = torch.arange(size, dtype=torch.float64)[None, :]
+    log_comb_r = torch.lgamma(r + 1) - torch.lgamma(n) - torch.lgamma((r - n + 2).clamp(min=1))
+    log_weights = (
+        log_comb_r - torch.lgamma(torch.tensor(size + 1.0)) + torch.lgamma(n + 1) + torch.lgamma(size - n + 1)
+    )
+    weights = torch.where(r >= n - 1, log_weights.exp(), torch.zeros(()))
+    values = torch.tensor([[rewards[k], float(correct[k])] for k in order], dtype=torch.float64)
+    return [(float(a), float(b)) for a, b in (weights @ values).tolist()]

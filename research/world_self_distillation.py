@@ -1,7 +1,7 @@
 """Reward-filtered self-distillation (RAFT-style rejection-sampling fine-tuning) on the embedded world: can the
 shipped base learn from its own correct images at all? A ceiling check for Flow-GRPO's strict-accuracy target.
 
-    python benchmarks/world_self_distillation.py [--prompts 120] [--per-prompt 24] [--steps 600] [--threads 2]
+    python -m research.world_self_distillation [--prompts 120] [--per-prompt 24] [--steps 600] [--threads 2]
 
 1. Pool: category-balanced training prompts (``world:train``), ``--per-prompt`` images each with the evaluation
    sampler (20 ODE steps, CFG 3); the world evaluator keeps the strictly correct ones (at most ``--keep`` per
@@ -19,24 +19,20 @@ strict accuracy far.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from diffalign.config import SamplingConfig  # noqa: E402
-from diffalign.pipelines import load_flow_model  # noqa: E402
-from diffalign.recipes.world_benchmark import evaluate_world  # noqa: E402
-from diffalign.sampling.sampler import sample  # noqa: E402
-from diffalign.training.finetuning import load_prompts  # noqa: E402
-from diffalign.types import Cond  # noqa: E402
-from diffalign.world import evaluate_batch, test_prompts  # noqa: E402
-from diffalign.world.prompts import as_spec  # noqa: E402
+from diffalign.config import SamplingConfig
+from diffalign.pipelines import load_flow_model
+from diffalign.recipes.world_benchmark import evaluate_world
+from diffalign.sampling.sampler import sample
+from diffalign.training.finetuning import load_prompts
+from diffalign.types import Cond
+from diffalign.world import evaluate_batch, test_prompts
+from diffalign.world.prompts import as_spec
 
 SAMPLING = SamplingConfig(num_steps=20, height=64, width=64, guidance_scale=3.0)
 

@@ -1,6 +1,6 @@
 """Does a Flow-GRPO LoRA improve the world under the evaluation sampler, or only under the rollout sampler?
 
-    python benchmarks/flow_grpo_sampler_gap.py --lora runs/world-flow-grpo/final [--prompts 96] [--images 4]
+    python -m research.flow_grpo_sampler_gap --lora runs/world-flow-grpo/final [--prompts 96] [--images 4]
 
 Scores the shipped base model and each given LoRA on the same category-balanced training prompts
 (``world:train:balanced``, a fixed random subset) with three samplers, all CFG 3 at 64 px: the rollout sampler
@@ -11,18 +11,14 @@ sampler (20-step ODE). Prints the mean partial credit and strict accuracy of the
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from diffalign.pipelines import load_flow_model  # noqa: E402
-from diffalign.sampling.sampler import SDE, sample, window  # noqa: E402
-from diffalign.training.finetuning import load_prompts  # noqa: E402
-from diffalign.world.evaluator import evaluate_batch  # noqa: E402
+from diffalign.pipelines import load_flow_model
+from diffalign.sampling.sampler import SDE, sample, window
+from diffalign.training.finetuning import load_prompts
+from diffalign.world.evaluator import evaluate_batch
 
 SAMPLERS: dict[str, tuple[int, bool]] = {"rollout: 10 steps, SDE window": (10, True),
                                          "10 steps ODE": (10, False), "eval: 20 steps ODE": (20, False)}  # fmt: skip

@@ -1,7 +1,7 @@
 """The most a search that branches once at step k could save over best-of-N on the world, if it knew the value of
 every prefix for free: an optimistic bound for tree search (DTS*) on the embedded world.
 
-    python benchmarks/steering_world_oracle.py [--prompts 16] [--prefixes 16] [--branches 8] [--pool 128] [--save F]
+    python -m research.steering_world_oracle [--prompts 16] [--prefixes 16] [--branches 8] [--pool 128] [--save F]
 
 Same sampler and reward as ``steering_world.py`` (the shipped base, 20 steps, CFG 3 = 40 NFE a sample, Flow-GRPO
 SDE at noise level 0.7; reward = the world evaluator's partial credit) and the same held-out prompts. For each
@@ -30,18 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from steering_world import best_of_n_curve, held_out_prompts, world_sde_sampler  # noqa: E402
-
-from diffalign.sampling.sampler import sample  # noqa: E402
+from benchmarks.steering_world import held_out_prompts, world_sde_sampler
+from diffalign.sampling.sampler import sample
+from diffalign.steering.best_of_n import best_of_n_curve
 
 SCREENS_m = [1, 2, 4, 8]
 NUM_STEPS = 20

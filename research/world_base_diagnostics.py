@@ -1,6 +1,6 @@
 """What limits the shipped world base model's accuracy? Three checks, each printing its numbers.
 
-    python benchmarks/world_base_diagnostics.py [--threads 1] [--continue-steps 4000] [--eval-every 2000]
+    python -m research.world_base_diagnostics [--threads 1] [--continue-steps 4000] [--eval-every 2000]
         [--cosine] [--train-text-encoders] [--only-continue]
 
 1. **Codec ceiling**: renders of the held-out prompts (4 scenes each), encoded and decoded by the shipped VAE, then
@@ -20,27 +20,23 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from diffalign.config import SamplingConfig  # noqa: E402
-from diffalign.pipelines import FlowModel, load_flow_model  # noqa: E402
-from diffalign.recipes.world_benchmark import evaluate_world  # noqa: E402
-from diffalign.sampling.sampler import sample  # noqa: E402
-from diffalign.training.ema import EMA  # noqa: E402
-from diffalign.types import Cond  # noqa: E402
-from diffalign.world import evaluate_batch, test_prompts  # noqa: E402
-from diffalign.world.evaluator import summarize  # noqa: E402
-from diffalign.world.prompts import train_prompts  # noqa: E402
-from diffalign.world.render import dataset_examples, render, sample_scene  # noqa: E402
+from diffalign.config import SamplingConfig
+from diffalign.pipelines import FlowModel, load_flow_model
+from diffalign.recipes.world_benchmark import evaluate_world
+from diffalign.sampling.sampler import sample
+from diffalign.training.ema import EMA
+from diffalign.types import Cond
+from diffalign.world import evaluate_batch, test_prompts
+from diffalign.world.evaluator import summarize
+from diffalign.world.prompts import train_prompts
+from diffalign.world.render import dataset_examples, render, sample_scene
 
 SAMPLING = SamplingConfig(num_steps=20, height=64, width=64, guidance_scale=3.0)
 

@@ -1,7 +1,7 @@
 """How well the clean-sample estimate of a partial trajectory predicts its final world reward, and what pruning by
 it could save over best-of-N: the most a look-ahead value could add to a tree search on the world.
 
-    python benchmarks/steering_world_lookahead.py [--prompts 32] [--pool 64] [--threads 2] [--device cpu]
+    python -m research.steering_world_lookahead [--prompts 32] [--pool 64] [--threads 2] [--device cpu]
 
 Same sampler as ``steering_world.py`` (the shipped base, 20 steps, CFG 3 = 40 NFE per sample, Flow-GRPO SDE at
 noise level 0.7) and the same held-out prompts. Each prompt draws ``--pool`` trajectories; at the listed steps
@@ -21,20 +21,15 @@ size-``M`` subsets of each pool; best-of-N is the exact order-statistics curve o
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from steering_world import best_of_n_curve, held_out_prompts  # noqa: E402
-
-from diffalign.rewards import WorldReward  # noqa: E402
-from diffalign.sampling.sampler import SDE  # noqa: E402
-from diffalign.steering import SteeringPipeline  # noqa: E402
+from benchmarks.steering_world import held_out_prompts
+from diffalign.rewards import WorldReward
+from diffalign.sampling.sampler import SDE
+from diffalign.steering import SteeringPipeline
+from diffalign.steering.best_of_n import best_of_n_curve
 
 SCREENS = [(16, 4), (32, 8), (64, 8), (64, 16)]
 

@@ -1,6 +1,6 @@
 """How much of the world reward is fixed by the first k sampling steps: the room a tree search has to work in.
 
-    python benchmarks/steering_world_prefix.py [--prompts 16] [--prefixes 4] [--branches 8] [--device cpu]
+    python -m research.steering_world_prefix [--prompts 16] [--prefixes 4] [--branches 8] [--device cpu]
 
 For each held-out prompt and each step k, draw ``--prefixes`` SDE trajectories up to step k, continue each from
 its state at step k with ``--branches`` independent noise streams down to the clean image, and score every
@@ -18,18 +18,12 @@ only the initial noise.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from steering_world import held_out_prompts, world_sde_sampler  # noqa: E402
-
-from diffalign.sampling.sampler import sample  # noqa: E402
+from benchmarks.steering_world import held_out_prompts, world_sde_sampler
+from diffalign.sampling.sampler import sample
 
 
 def main() -> None:
