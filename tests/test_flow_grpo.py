@@ -134,6 +134,36 @@ def test_training_run_writes_outputs_and_resumes_identically(tiny_models, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("tracker", ["tensorboard", "none", "wandb"])
+def test_report_to_picks_the_tracker_and_logs_grids_and_config(tiny_models, tmp_path, monkeypatch, tracker):
+    if tracker == "wandb":
+        pytest.importorskip("wandb")
+        monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    job = _job(tiny_models, out, **{"train.epochs": 1, "train.eval_images_per_prompt": 1, "train.report_to": tracker})
+    run_training(job, FlowGRPOTrainer)
+    assert (out / "history.jsonl").exists() and (out / "curves.png").exists()
+    events = list(out.rglob("events.out.tfevents.*"))
+    if tracker != "tensorboard":
+        assert not events
+        assert (out / "wandb").is_dir() == (tracker == "wandb")
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(events[0].parent)).Reload().Tags()
+    assert "eval/eval" in logged["images"] and "config/text_summary" in logged["tensors"]
+    assert any(tag.startswith("reward") or "/" in tag for tag in logged["scalars"])
+
+
+def test_report_to_wandb_without_the_package_is_a_config_error(tiny_models, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train\.report_to.*wandb"):
+        _job(tiny_models, tmp_path / "run", **{"train.report_to": "wandb"})
+
+
 def test_resume_refuses_a_changed_config_and_falls_back_past_a_corrupt_checkpoint(tiny_models, tmp_path):
     out = tmp_path / "run"
     run_training(_job(tiny_models, out), FlowGRPOTrainer)

@@ -175,18 +175,14 @@ class Evaluator:
         os.makedirs(folder, exist_ok=True)
         for name in {tag, f"epoch-{epoch:05d}"}:
             save_grid(images, os.path.join(folder, f"{name}_{evalset.name}.png"), **kwargs)
-        tracker = _tensorboard(ctx.accelerator)
-        if tracker is not None:
+        trackers = getattr(ctx.accelerator, "trackers", [])
+        if trackers:
             grid = np.asarray(make_grid(images, **kwargs))
-            tracker.writer.add_image(f"eval/{evalset.name}", grid, epoch, dataformats="HWC")
-
-
-def _tensorboard(accelerator) -> Any | None:
-    """The run's tensorboard tracker, if it has one and it is started."""
-    for tracker in getattr(accelerator, "trackers", []):
-        if tracker.name == "tensorboard":
-            return tracker
-    return None
+        for tracker in trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(f"eval/{evalset.name}", grid, epoch, dataformats="HWC")
+            else:
+                tracker.log_images({f"eval/{evalset.name}": [grid]}, step=epoch)
 
 
 def plot_history(history_path: str, out_path: str) -> None:

@@ -10,6 +10,7 @@ samples the held-out prompts with the EMA weights (see ``training.evaluation``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -67,6 +68,10 @@ class TrainConfig:
         eval_images_per_prompt: images per evaluation prompt (an evaluation set may set its own).
         max_eval_prompts: cap on the prompts of each evaluation set, taken round-robin over the world's
             categories (None: all; an evaluation set may set its own).
+        report_to: the experiment tracker, through accelerate: ``tensorboard`` (logs under the run folder),
+            ``wandb`` (needs the ``wandb`` extra; ``WANDB_MODE=offline`` works without a network) or ``none``.
+            Scalars, evaluation grids and the resolved config go to it; ``history.jsonl`` and ``curves.png`` are
+            written either way.
     """
 
     epochs: int = 100
@@ -88,8 +93,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_images_per_prompt: int = 2
     max_eval_prompts: int | None = None
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
 
     def __post_init__(self) -> None:
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("config key 'train.report_to': 'wandb' needs the wandb package (pip install "
+                              "'diffalign[wandb]'); use tensorboard or none")  # fmt: skip
         for key in ("epochs", "eval_every", "checkpoint_every", "log_every", "ema_every", "eval_images_per_prompt"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'train.{key}': must be >= 1, got {getattr(self, key)}")

@@ -10,6 +10,7 @@ tensors, gathered from the shards, so they are the same files whichever way a ru
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -72,7 +74,9 @@ class TrainContext:
             # an explicit setting wins; without one, accelerate's (the launcher's config or environment) applies
             precision = getattr(getattr(cfg, "train", None), "mixed_precision", None)
             kwargs = {} if precision is None else {"mixed_precision": precision}
-            accelerator = Accelerator(log_with="tensorboard", project_dir=cfg.output_dir, **kwargs)
+            tracker = getattr(getattr(cfg, "train", None), "report_to", "tensorboard")
+            log_with = None if tracker == "none" else tracker
+            accelerator = Accelerator(log_with=log_with, project_dir=cfg.output_dir, **kwargs)
         self.accelerator = accelerator
         seed_everything(cfg.seed)
         self.modules: dict[str, TrainedModule] = {}
@@ -269,8 +273,7 @@ def run_training(
     if acc.is_main_process:
         save_config(cfg, config_path)
         # a resumed run drops the event records its previous life wrote after the checkpoint
-        acc.init_trackers(algorithm.name, init_kwargs={"tensorboard": {"purge_step": start + 1}})
-        _log_config(acc, to_yaml(cfg))
+        _start_trackers(acc, algorithm.name, cfg, start)
     log.info("%s: %d thread(s); results are reproducible for a fixed seed, thread count and library versions",
              algorithm.name, torch.get_num_threads())  # fmt: skip
     if start == 0:
@@ -315,7 +318,8 @@ def run_training(
 #: the checkpoint a different run's, and resuming it is refused.
 RESUMABLE_CHANGES: tuple[str, ...] = (
     "output_dir", "train.epochs", "train.eval_every", "train.checkpoint_every", "train.log_every",
-    "train.keep_checkpoints", "train.eval_images_per_prompt", "train.max_eval_prompts", "eval_sets", "monitors",
+    "train.keep_checkpoints", "train.eval_images_per_prompt", "train.max_eval_prompts", "train.report_to",
+    "eval_sets", "monitors",
 )  # fmt: skip
 
 
@@ -370,11 +374,19 @@ def _resume_newest_good(ctx: TrainContext, directory: str) -> int:
                           f"the folder to start the run over")  # fmt: skip
 
 
-def _log_config(acc: Accelerator, text: str) -> None:
-    """The resolved config as text in tensorboard (scalars and grids go there too)."""
+def _start_trackers(acc: Accelerator, name: str, cfg: Any, start: int) -> None:
+    """Start the run's trackers with the resolved config: tensorboard gets it as text and drops the event records
+    a previous life of the run wrote after the resumed checkpoint; wandb gets it as the run config (a resumed run
+    continues the same wandb run, named by the output folder)."""
+    if getattr(getattr(cfg, "train", None), "report_to", None) == "wandb":
+        run_id = hashlib.sha1(os.path.abspath(cfg.output_dir).encode()).hexdigest()[:16]
+        acc.init_trackers(name, config=yaml.safe_load(to_yaml(cfg)),
+                          init_kwargs={"wandb": {"dir": cfg.output_dir, "id": run_id, "resume": "allow"}})  # fmt: skip
+        return
+    acc.init_trackers(name, init_kwargs={"tensorboard": {"purge_step": start + 1}})
     for tracker in acc.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_text("config", f"```\n{text}\n```", 0)
+            tracker.writer.add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
 
 
 def _due(every: int, done: int, last: int, at_end: bool) -> bool:
