@@ -29,13 +29,35 @@ class ConfigError(ValueError):
     """A bad configuration; the message names the offending key."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans and floats: only ``true`` / ``false`` are booleans, so that
+    ``mixed_precision: no`` stays the string ``"no"`` instead of YAML 1.1's ``False`` (boolean fields still
+    accept yes / no through the schema), and ``1e-3`` is a float, not a string."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in (_BOOL, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),  # fmt: skip
+    list("-+0123456789."),
+)
+_Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_Loader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -84,8 +106,10 @@ def _apply_override(config: Any, item: str) -> None:
                               f"{len(node) - 1}); to add or remove entries give the whole list, e.g. "
                               f"'{parent}=[...]'")  # fmt: skip
     try:
-        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]  # YAML: numbers, booleans, null, lists, mappings
-    except OmegaConfBaseException as e:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # numbers, booleans, null, lists, mappings
+        if isinstance(value, dict | list):
+            value = OmegaConf.create(value)
+    except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: cannot parse the value: {str(e).splitlines()[0]}") from e
     # a whole mapping for a name -> value table (e.g. eval_sets) replaces it, as a whole list replaces a list;
     # for a section of the schema (e.g. model) it sets the keys it names

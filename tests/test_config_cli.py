@@ -241,3 +241,17 @@ def test_overrides_of_a_table_replace_it_whole_or_add_and_set_entries():
     assert list(job.eval_sets) == ["test", "test_seen", "mine"] and job.eval_sets["test"].max_prompts == 5
     job = load_config(FlowGRPOJob, path, ["model={path: elsewhere}"])  # a schema section: only the key named
     assert job.model.path == "elsewhere" and job.model.family == "sd3"
+
+
+def test_yaml_no_is_a_string_and_exponents_are_floats(tmp_path):
+    """``mixed_precision: no`` (a file or an override) is the string 'no', not YAML 1.1's False; 1e-3 is a float;
+    boolean fields still take true / false."""
+    from diffalign.algorithms.flow_grpo import FlowGRPOJob
+
+    path = tmp_path / "job.yaml"
+    path.write_text("model: {path: x}\ntrain: {mixed_precision: no, lr: 1e-3, gradient_checkpointing: true}\n")
+    job = load_config(FlowGRPOJob, path)
+    assert job.train.mixed_precision == "no" and job.train.lr == 0.001 and job.train.gradient_checkpointing is True
+    job = load_config(FlowGRPOJob, path, ["train.mixed_precision=bf16", "train.mixed_precision=no",
+                                          "train.lr=5e-4", "train.gradient_checkpointing=false"])  # fmt: skip
+    assert job.train.mixed_precision == "no" and job.train.lr == 0.0005 and job.train.gradient_checkpointing is False

@@ -170,6 +170,8 @@ def test_lora_roundtrip_in_diffusers_format(tmp_path, family):
     flow.add_lora(rank=4, alpha=8)
     trainable = {n for n, p in flow.transformer.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+    if family == "flux2":  # the single-stream blocks train too (their fused QKV + MLP projection)
+        assert any(n.startswith("single_transformer_blocks") for n in trainable)
     with torch.no_grad():  # gaussian init leaves lora_B at zero: perturb it so the adapter does something
         for n, p in flow.transformer.named_parameters():
             if "lora_B" in n:

@@ -28,7 +28,9 @@ class Flux2FlowModel(FlowModel):
 
     family = "flux2"
     pipeline_classes = (Flux2KleinPipeline, Flux2Pipeline)
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    # the double blocks' attention projections and the single blocks' fused QKV + MLP input projection
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                           "to_qkv_mlp_proj")  # fmt: skip
     default_guidance_scale = 4.0
 
     @property
