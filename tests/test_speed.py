@@ -158,3 +158,23 @@ def test_bad_speed_settings_are_config_errors_naming_the_key(monkeypatch):
     monkeypatch.setattr(inductor.cpp, "cxx", (None, "g++"))
     with pytest.raises(ConfigError, match=r"'model.compile'.*C\+\+ compiler"):
         load_config(SampleJob, {"model": {"path": "x"}}, ["model.compile=true"])
+
+
+# -------------------------------------------------------------------------------------------- the world evaluator
+def test_world_evaluator_detects_each_image_once_and_judges_as_before(monkeypatch):
+    import numpy as np
+
+    from diffalign.world import evaluator
+    from diffalign.world.render import render, sample_scene
+
+    prompt = "a photo of a red circle left of a blue square"
+    image = render(sample_scene(prompt, np.random.default_rng(0)))
+    expected = evaluator.judge(evaluator.as_spec(prompt), evaluator.detect_objects(image))
+    calls = []
+    detect = evaluator.detect_objects
+    monkeypatch.setattr(evaluator, "detect_objects", lambda arr: calls.append(1) or detect(arr))
+    monkeypatch.setattr(evaluator, "_DETECTED", type(evaluator._DETECTED)())
+    verdicts = [evaluator.evaluate(image, prompt), *evaluator.evaluate_batch(image[None].repeat(2, 0), [prompt] * 2)]
+    assert len(calls) == 1 and all(v == expected for v in verdicts)
+    evaluator.evaluate(1 - image, prompt)  # another image is detected anew
+    assert len(calls) == 2
