@@ -98,11 +98,17 @@ def test_bf16_autocast_velocity_is_close_and_float32_and_log_probs_stay_float32(
 
 
 # -------------------------------------------------------------------------------------------- compile
-def test_compiled_velocity_equals_eager(one_thread):
+def test_compiled_velocity_equals_eager(one_thread, monkeypatch):
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing inductor leaves there
     flow = _flow("sd3")
     x, t, cond = _inputs(flow)
     reference = flow.velocity(x, t, cond)
     flow.compile()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.expanduser("~/.cache/diffalign/inductor")
     torch.testing.assert_close(flow.velocity(x, t, cond), reference, rtol=1e-4, atol=1e-5)
     assert flow.transformer._compiled_call_impl is not None  # the module itself is compiled, names unchanged
     assert all("_orig_mod" not in n for n, _ in flow.transformer.named_parameters())

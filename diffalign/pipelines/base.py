@@ -358,7 +358,8 @@ class FlowModel(ABC):
         first forward, after any LoRA has been attached).
 
         Inductor caches compiled graphs and kernels on disk under ``TORCHINDUCTOR_CACHE_DIR``; unless the
-        environment sets it, that is ``cache_dir`` or ``~/.cache/diffalign/inductor``, which outlives ``/tmp``.
+        environment sets it to a folder of its own, that is ``cache_dir`` or ``~/.cache/diffalign/inductor``,
+        which outlives torch's default under ``/tmp``.
         """
         from diffalign.config import ConfigError, check_compiler
 
@@ -369,8 +370,12 @@ class FlowModel(ABC):
             if not has_triton():
                 raise ConfigError("config key 'model.compile': torch.compile on CUDA needs triton (pip install "
                                   "triton), or set model.compile=false")  # fmt: skip
-        default = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "diffalign", "inductor")
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.fspath(default))
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        # importing inductor writes its /tmp default into the environment, so that value counts as unset
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+            folder = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "diffalign", "inductor")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(os.fspath(folder))
         self.transformer.compile()
 
     # ----------------------------------------------------------------------------------------------- codec
