@@ -116,22 +116,15 @@ def preflight(job: Any, out: str, out_name: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------- commands
 def cmd_sample(args: argparse.Namespace) -> None:
-    from diffalign.config import read_prompt_file, resolve_device, save_config
+    from diffalign.config import read_prompt_file, save_config
     from diffalign.images import remove_stale_images, save_grid, save_images
-    from diffalign.pipelines import load_flow_model
+    from diffalign.pipelines import load_model
     from diffalign.sampling.generate import generate
 
     job = _load_job("sample", args.config, args.overrides)
     prompts = read_prompt_file(args.prompts)
     preflight(job, args.out, "--out")
-    flow = load_flow_model(
-        job.model.family,
-        job.model.path,
-        dtype=job.model.dtype,
-        device=resolve_device(job.model.device),
-        lora=job.model.lora,
-        max_sequence_length=job.model.max_sequence_length,
-    )
+    flow = load_model(job.model)
     flow.latent_shape(job.sampling.height, job.sampling.width)  # fail on a bad size before any sampling
     expanded = [p for p in prompts for _ in range(job.images_per_prompt)]
     os.makedirs(args.out, exist_ok=True)

@@ -210,6 +210,42 @@ def check_output_dir(path: str | os.PathLike, name: str) -> None:
         raise ConfigError(f"{name}: cannot write in {existing!r} ({e.strerror}); choose another folder") from e
 
 
+#: Attention backends of diffusers' dispatcher that run on a CPU (the others need CUDA or another accelerator).
+CPU_ATTENTION_BACKENDS = ("native", "_native_math", "flex")
+
+
+def check_attention_backend(name: str, key: str = "model.attention_backend") -> None:
+    """``ConfigError`` naming ``key`` unless ``name`` is a backend of diffusers' attention dispatcher whose package is
+    installed (``flash`` needs ``flash-attn``, ``sage`` ``sageattention``, ``xformers`` ``xformers``, ...)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    names = sorted(b.value for b in AttentionBackendName)
+    if name not in names:
+        raise ConfigError(f"config key '{key}': unknown attention backend {name!r}; diffusers knows "
+                          f"{', '.join(names)}")  # fmt: skip
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as e:
+        raise ConfigError(f"config key '{key}': attention backend {name!r} is not installed: {e}") from e
+
+
+def check_compiler(key: str = "model.compile") -> None:
+    """``ConfigError`` naming ``key`` unless ``torch.compile`` can run here: TorchDynamo supports this Python and
+    a C++ compiler (which inductor needs for CPU kernels and for its wrapper code) is on the ``PATH``."""
+    import shutil
+
+    import torch._dynamo
+    from torch._inductor import config as inductor
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(f"config key '{key}': torch.compile does not support this Python or platform; set "
+                          f"{key}=false")  # fmt: skip
+    compilers = [c for c in inductor.cpp.cxx if c] if isinstance(inductor.cpp.cxx, tuple) else [inductor.cpp.cxx]
+    if not any(shutil.which(c) for c in compilers + ["g++", "clang++"]):
+        raise ConfigError(f"config key '{key}': torch.compile needs a C++ compiler (g++ or clang++) on the PATH; "
+                          f"install one or set {key}=false")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- shared sections
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -218,7 +254,16 @@ class ModelConfig:
     Attributes:
         family: ``sd3`` (SD3/SD3.5), ``flux`` (FLUX.1), ``flux2`` (FLUX.2).
         path: hub id (``stabilityai/stable-diffusion-3.5-medium``) or local diffusers folder.
-        dtype: the network's dtype (step maths always run in float32).
+        dtype: the dtype the weights are loaded in (step maths and log-probs always run in float32).
+        autocast: ``bfloat16`` / ``float16``: the transformer's forward runs under ``torch.autocast`` in that dtype
+            (weights stay in ``dtype``; the velocity comes back float32; text encoders and VAE are untouched);
+            ``none``: it runs in ``dtype``. bf16 pays on CPUs with AMX / AVX-512 bf16 and on GPUs (see docs/speed.md).
+        compile: ``torch.compile`` the transformer (in place: parameter names, LoRA and checkpoints unchanged).
+            Compiled kernels are cached on disk (``TORCHINDUCTOR_CACHE_DIR``, default
+            ``~/.cache/diffalign/inductor``), so a second run with the same shapes compiles much faster.
+        attention_backend: diffusers' attention dispatcher backend of the transformer (``native`` = PyTorch SDPA;
+            ``_native_math``, ``flex``, and with CUDA ``flash``, ``_flash_3``, ``sage``, ``xformers``, ... when
+            their package is installed).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         lora: optional folder (or file) with a LoRA in diffusers' format to load on top.
         max_sequence_length: text-encoder length for T5/Qwen prompts (None = the pipeline's default).
@@ -227,12 +272,18 @@ class ModelConfig:
     family: Literal["sd3", "flux", "flux2"] = "sd3"
     path: str = MISSING
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    autocast: Literal["none", "bfloat16", "float16"] = "none"
+    compile: bool = False
+    attention_backend: str = "native"
     device: str = "auto"
     lora: str | None = None
     max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
         check_device(self.device, "model.device")
+        check_attention_backend(self.attention_backend, "model.attention_backend")
+        if self.compile:
+            check_compiler("model.compile")
 
 
 @dataclass(kw_only=True)

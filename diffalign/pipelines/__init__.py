@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from diffalign.config import ConfigError
+from diffalign.config import ConfigError, ModelConfig, resolve_device
 from diffalign.pipelines.base import FlowModel, SizeLimits, check_images, local_folder, resolve_dtype, size_problem
 from diffalign.pipelines.flux import FluxFlowModel
 from diffalign.pipelines.flux2 import Flux2FlowModel
@@ -59,6 +59,21 @@ def load_flow_model(
     )
     if lora:
         flow.load_lora(lora)
+    return flow
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device | None = None) -> FlowModel:
+    """The flow model a ``model`` config section describes, with its speed settings (autocast, attention backend,
+    compile) applied; ``device`` overrides ``cfg.device`` (e.g. the accelerator's device for ``auto``)."""
+    flow = load_flow_model(
+        cfg.family, cfg.path, dtype=cfg.dtype, device=resolve_device(cfg.device) if device is None else device,
+        lora=cfg.lora, max_sequence_length=cfg.max_sequence_length,
+    )  # fmt: skip
+    flow.set_autocast(cfg.autocast)
+    if cfg.attention_backend != "native":
+        flow.set_attention_backend(cfg.attention_backend)
+    if cfg.compile:
+        flow.compile()
     return flow
 
 
@@ -128,6 +143,7 @@ __all__ = [
     "check_pretrained",
     "get_family",
     "load_flow_model",
+    "load_model",
     "resolve_model_path",
     "resolve_dtype",
     "wrap_pipeline",

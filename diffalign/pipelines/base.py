@@ -12,6 +12,9 @@ package. Outside ``pipelines/`` code sees only:
 - ``time_grid(num_steps, height, width) -> (T+1,)`` float32 times from 1 down to 0;
 - ``adapter(name)``: a context in which the transformer runs with one peft LoRA adapter active (or, with
   ``None``, with every adapter disabled: the base model, e.g. a reference or a teacher).
+
+Speed settings (``model.autocast``, ``model.compile``, ``model.attention_backend``) are set on the adapter with
+``set_autocast``, ``compile`` and ``set_attention_backend``; none of them changes the float32 step maths.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ class FlowModel(ABC):
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
         self.nfe = 0
+        self.autocast: torch.dtype | None = None
+        self.attention_backend = "native"
         self._network: torch.nn.Module | None = None
         self._adapter_networks: dict[str, torch.nn.Module] = {}
         for module in pipe.components.values():
@@ -306,11 +311,72 @@ class FlowModel(ABC):
             raise ValueError(f"this {self.family} checkpoint has no guidance embedding; use CFG (guidance_scale)")
         t = batch_times(t, x_t.shape[0], x_t.device)
         self.nfe += x_t.shape[0]
-        return self._velocity(x_t, t, cond, guidance).float()
+        if self.autocast is None:
+            return self._velocity(x_t, t, cond, guidance).float()
+        with torch.autocast(x_t.device.type, dtype=self.autocast):
+            v = self._velocity(x_t, t, cond, guidance)
+        return v.float()
 
     @abstractmethod
     def _velocity(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | None) -> Tensor:
         """The family's transformer call on validated inputs; ``t`` is ``(B,)`` float32 in [0, 1]."""
+
+    # ----------------------------------------------------------------------------------------------- speed
+    def set_autocast(self, dtype: str | torch.dtype | None) -> None:
+        """Run the transformer's forward under ``torch.autocast`` in ``dtype`` (``"bfloat16"``, ``"float16"``), or in
+        its own dtype (None / ``"none"``). ``velocity`` still returns float32, so step maths and log-probs stay
+        float32; gradients reach the (float32) trained weights through autocast's casts."""
+        self.autocast = None if dtype in (None, "none") else resolve_dtype(dtype)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Route the transformer's attention through diffusers' dispatcher backend ``name`` (``native``,
+        ``_native_math``, ``flex``, ``flash``, ``sage``, ``xformers``, ...). The name is checked by
+        ``config.check_attention_backend`` and against the device here."""
+        from diffalign.config import CPU_ATTENTION_BACKENDS, ConfigError, check_attention_backend
+
+        check_attention_backend(name)
+        if self.device.type == "cpu" and name not in CPU_ATTENTION_BACKENDS:
+            raise ConfigError(f"config key 'model.attention_backend': {name!r} does not run on a CPU; use one of "
+                              f"{', '.join(CPU_ATTENTION_BACKENDS)}")  # fmt: skip
+        self._use_dispatcher()
+        self.transformer.set_attention_backend(name)
+        self.attention_backend = name
+
+    def _use_dispatcher(self) -> None:
+        """Make every attention processor of the transformer call diffusers' dispatcher (a family whose stock
+        processors call SDPA directly replaces them in its override, then calls this check): a processor that
+        ignores the backend would be a silent slow path."""
+        processors = [getattr(m, "processor", None) for m in self.transformer.modules()]
+        stock = {type(p).__name__ for p in processors if p is not None and not hasattr(p, "_attention_backend")}
+        if stock:
+            raise ValueError(f"the {self.family} transformer's attention processors {sorted(stock)} do not go "
+                             f"through diffusers' attention dispatcher: no backend can apply")  # fmt: skip
+
+    def compile(self, cache_dir: str | os.PathLike | None = None) -> None:
+        """``torch.compile`` the transformer in place (``nn.Module.compile``: the same module, parameters and
+        names, so LoRA adapters, EMA, checkpoints and DDP wrappers work as before; compilation happens at the
+        first forward, after any LoRA has been attached).
+
+        Inductor caches compiled graphs and kernels on disk under ``TORCHINDUCTOR_CACHE_DIR``; unless the
+        environment sets it to a folder of its own, that is ``cache_dir`` or ``~/.cache/diffalign/inductor``,
+        which outlives torch's default under ``/tmp``.
+        """
+        from diffalign.config import ConfigError, check_compiler
+
+        check_compiler()
+        if self.device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                raise ConfigError("config key 'model.compile': torch.compile on CUDA needs triton (pip install "
+                                  "triton), or set model.compile=false")  # fmt: skip
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        # importing inductor writes its /tmp default into the environment, so that value counts as unset
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+            folder = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "diffalign", "inductor")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(os.fspath(folder))
+        self.transformer.compile()
 
     # ----------------------------------------------------------------------------------------------- codec
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -3,7 +3,9 @@
 Family facts encoded here (diffusers 0.42): the transformer takes ``timestep = 1000 t`` (float32) and unpacked
 latents ``(B, 16, H/8, W/8)``; prompts go through two CLIP text encoders and T5 (``encode_prompt``); the VAE's
 latents are normalised as ``(z - shift_factor) * scaling_factor``; the schedule is a static shift (3.0 for
-SD3.5) of the uniform grid, computed by the checkpoint's ``FlowMatchEulerDiscreteScheduler``.
+SD3.5) of the uniform grid, computed by the checkpoint's ``FlowMatchEulerDiscreteScheduler``. The stock
+``JointAttnProcessor2_0`` calls SDPA directly, so an attention backend other than ``native`` replaces it with
+``DispatchJointAttnProcessor``, the same attention through diffusers' dispatcher.
 """
 
 from __future__ import annotations
@@ -13,11 +15,58 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from torch import Tensor
 
 from diffalign.pipelines.base import FlowModel, SizeLimits, vae_factor
 from diffalign.types import Cond
+
+
+class DispatchJointAttnProcessor:
+    """SD3's joint attention through diffusers' attention dispatcher, so that ``set_attention_backend`` reaches it.
+
+    The image tokens ``(B, N, D)`` and, when given, the text tokens ``(B, M, D')`` are projected to per-head
+    queries, keys and values ``(B, S, heads, head_dim)`` (optionally RMS/layer-normed per head), attend jointly
+    over the ``N + M`` tokens, and are split and projected back: the same maths as ``JointAttnProcessor2_0``.
+    """
+
+    _attention_backend = None  # set by ModelMixin.set_attention_backend; None: the dispatcher's active backend
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if attention_mask is not None:
+            raise ValueError("SD3's joint attention takes no attention mask")
+
+        def heads(x: Tensor, norm: torch.nn.Module | None) -> Tensor:  # (B, S, heads * d) -> (B, S, heads, d)
+            x = x.unflatten(-1, (attn.heads, -1))
+            return x if norm is None else norm(x)
+
+        query = heads(attn.to_q(hidden_states), attn.norm_q)
+        key = heads(attn.to_k(hidden_states), attn.norm_k)
+        value = heads(attn.to_v(hidden_states), None)
+        if encoder_hidden_states is not None:
+            query = torch.cat([query, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=1)
+            key = torch.cat([key, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=1)
+            value = torch.cat([value, heads(attn.add_v_proj(encoder_hidden_states), None)], dim=1)
+        out = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
+        out = out.flatten(2).to(query.dtype)
+        image, text = out[:, : hidden_states.shape[1]], out[:, hidden_states.shape[1] :]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if encoder_hidden_states is None:
+            return image
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text
 
 
 class SD3FlowModel(FlowModel):
@@ -57,6 +106,12 @@ class SD3FlowModel(FlowModel):
                 do_classifier_free_guidance=False, **kwargs,
             )  # fmt: skip
         return Cond(embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype), prompts=prompts)
+
+    def _use_dispatcher(self) -> None:
+        for module in self.transformer.modules():
+            if isinstance(module, Attention) and isinstance(module.processor, JointAttnProcessor2_0):
+                module.set_processor(DispatchJointAttnProcessor())
+        super()._use_dispatcher()
 
     def _velocity(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | None) -> Tensor:
         return self.network(

@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from diffalign.config import ConfigError, ModelConfig, SamplingConfig, resolve_device, save_config
+from diffalign.config import ConfigError, ModelConfig, SamplingConfig, save_config
 from diffalign.images import save_grid
-from diffalign.pipelines import load_flow_model
+from diffalign.pipelines import load_model
 from diffalign.recipes.world_benchmark import evaluate_world, format_summary
 from diffalign.training.evaluation import select_prompts
 from diffalign.world.prompts import split_prompts
@@ -59,9 +59,7 @@ class EvalJob:
 def run_eval(job: EvalJob, out: str | None = None) -> dict:
     """Run the evaluation; returns the summary dict (also written to ``out/eval.json``)."""
     out = out or job.out_dir
-    flow = load_flow_model(job.model.family, job.model.path, dtype=job.model.dtype,
-                           device=resolve_device(job.model.device), lora=job.model.lora,
-                           max_sequence_length=job.model.max_sequence_length)  # fmt: skip
+    flow = load_model(job.model)
     flow.latent_shape(job.sampling.height, job.sampling.width)
     os.makedirs(out, exist_ok=True)
     save_config(job, os.path.join(out, "config.yaml"))

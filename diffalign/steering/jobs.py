@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import torch
 
-from diffalign.config import ConfigError, ModelConfig, SamplingConfig, resolve_device, save_config
+from diffalign.config import ConfigError, ModelConfig, SamplingConfig, save_config
 from diffalign.images import from_pil, remove_stale_images, save_grid, save_images
-from diffalign.pipelines import load_flow_model
+from diffalign.pipelines import load_model
 from diffalign.rewards import RewardConfig, build_reward_set
 from diffalign.sampling.sampler import SDE
 from diffalign.steering import METHODS, method_arguments
@@ -92,9 +92,7 @@ class SteerJob:
 def run_steer(job: SteerJob, prompts: list[str], out: str) -> dict[str, Any]:
     """Steer every prompt; writes images, ``index.jsonl``, ``grid.png``, ``summary.json`` and ``config.yaml``."""
     rewards = build_reward_set(job.rewards)
-    flow = load_flow_model(job.model.family, job.model.path, dtype=job.model.dtype,
-                           device=resolve_device(job.model.device), lora=job.model.lora,
-                           max_sequence_length=job.model.max_sequence_length)  # fmt: skip
+    flow = load_model(job.model)
     flow.latent_shape(job.sampling.height, job.sampling.width)
     rewards.to(flow.device)
     pipe = SteeringPipeline(flow)

@@ -21,7 +21,7 @@ from omegaconf import MISSING
 from torch import Tensor
 
 from diffalign.config import ConfigError, ModelConfig, SamplingConfig, read_prompt_file, resolve_device
-from diffalign.pipelines import FlowModel, load_flow_model
+from diffalign.pipelines import FlowModel, load_model
 from diffalign.rewards import RewardConfig, RewardSet, build_reward_set
 from diffalign.training.ema import EMA
 from diffalign.training.evaluation import EvalPrompts, Evaluator, select_prompts
@@ -246,10 +246,7 @@ class Finetuning:
         self.rewards: RewardSet = build_reward_set(cfg.rewards, "rewards")
         self.monitors: RewardSet | None = build_reward_set(cfg.monitors, "monitors") if cfg.monitors else None
         device = ctx.device if cfg.model.device == "auto" else resolve_device(cfg.model.device)
-        self.flow: FlowModel = load_flow_model(
-            cfg.model.family, cfg.model.path, dtype=cfg.model.dtype, device=device, lora=cfg.model.lora,
-            max_sequence_length=cfg.model.max_sequence_length,
-        )  # fmt: skip
+        self.flow: FlowModel = load_model(cfg.model, device)
         self.flow.latent_shape(cfg.sampling.height, cfg.sampling.width)
         self.rewards.to(device)
         if self.monitors is not None:

@@ -60,6 +60,8 @@ unless the image is strictly correct, so ``graded == 1`` implies ``correct``.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -443,7 +445,27 @@ def evaluate(image: Any, prompt: PromptSpec | str) -> Verdict:
         ValueError: on a malformed image or an unparsable prompt.
     """
     spec = as_spec(prompt)
-    return judge(spec, detect_objects(image))
+    return judge(spec, _detections(image_to_array(image)))
+
+
+#: Detections of recently judged images by content digest: an evaluation scores each image with several world
+#: rewards and monitors and then summarises it, which would otherwise detect its objects three times.
+_DETECTED: OrderedDict[bytes, list[DetectedObject]] = OrderedDict()
+_DETECTED_MAX = 4096
+
+
+def _detections(arr: np.ndarray) -> list[DetectedObject]:
+    """``detect_objects(arr)`` (default ``min_area``), remembered for the last ``_DETECTED_MAX`` images."""
+    key = hashlib.blake2b(f"{arr.dtype}{arr.shape}".encode(), digest_size=16)
+    key.update(np.ascontiguousarray(arr).tobytes())
+    digest = key.digest()
+    if digest in _DETECTED:
+        _DETECTED.move_to_end(digest)
+    else:
+        _DETECTED[digest] = detect_objects(arr)
+        if len(_DETECTED) > _DETECTED_MAX:
+            _DETECTED.popitem(last=False)
+    return list(_DETECTED[digest])  # a copy: the objects are frozen, the list is the caller's
 
 
 def evaluate_batch(images: Any, prompts: Sequence[PromptSpec | str]) -> list[Verdict]:
