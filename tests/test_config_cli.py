@@ -238,7 +238,7 @@ def test_overrides_of_a_table_replace_it_whole_or_add_and_set_entries():
     job = load_config(FlowGRPOJob, path, ["eval_sets={mine: {prompts: 'world:train', images_per_prompt: 8}}"])
     assert list(job.eval_sets) == ["mine"] and job.eval_sets["mine"].images_per_prompt == 8
     job = load_config(FlowGRPOJob, path, ["eval_sets.mine.prompts=world:train", "eval_sets.test.max_prompts=5"])
-    assert list(job.eval_sets) == ["test", "test_seen", "mine"] and job.eval_sets["test"].max_prompts == 5
+    assert list(job.eval_sets) == ["test", "test_seen", "train", "mine"] and job.eval_sets["test"].max_prompts == 5
     job = load_config(FlowGRPOJob, path, ["model={path: elsewhere}"])  # a schema section: only the key named
     assert job.model.path == "elsewhere" and job.model.family == "sd3"
 
