@@ -85,7 +85,7 @@ class RewardBalance:
         self.balancer: GradientBalancer | None = None
         if cfg.method == "marble" or K >= 2:
             self.balancer = GradientBalancer(cfg, self.names, policy.trainable(), accelerator)
-        if cfg.method == "marble":
+        if cfg.method == "marble":  # its conditions on the rewards (weights 1), checked before any rollout
             reward_advantages(torch.zeros(2, K), torch.zeros(2, dtype=torch.long), "marble", self.names, self.weights)
         self._state = {"balance_weights": torch.zeros(K, dtype=torch.float64),
                        # has weights, last full step (-1: none), solves, measured batches, negative-cosine batches
