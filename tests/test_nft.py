@@ -266,6 +266,9 @@ def test_bad_input_is_refused_with_the_key_named(tiny, tmp_path):
         NFTTrainer(TrainContext(_job(tiny, tmp_path / "e", **{"lora.rank": 0})))
     with pytest.raises(ConfigError, match="balance.method"):  # marble needs at least two rewards
         NFTTrainer(TrainContext(_job(tiny, tmp_path / "f", **{"balance.method": "marble"})))
+    with pytest.raises(ConfigError, match="weights must be 1"):
+        NFTTrainer(TrainContext(_job(tiny, tmp_path / "g", rewards=("Redness", "Blueness"),
+                                     **{"balance.method": "marble", "rewards.0.weight": 2.0})))  # fmt: skip
 
 
 def test_abstaining_everywhere_and_broken_rewards_stop_the_run(tiny, tmp_path, one_thread):
