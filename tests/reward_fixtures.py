@@ -42,3 +42,24 @@ class RedFraction(Reward):
         red = COLOR_NAMES.index("red")
         labels = [classify_pixels(image.detach().float().cpu().numpy()) == red for image in images]
         return torch.tensor([float(m.mean()) for m in labels], device=images.device)
+
+
+class CircleRedness(Reward):
+    """A specialist: ``Redness`` on prompts that name a circle, NaN (abstains) on every other prompt."""
+
+    name = "circle_redness"
+    may_abstain = True
+
+    def score(self, images, prompts, **meta):
+        value = (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
+        applies = torch.tensor(["circle" in p for p in prompts], device=images.device)
+        return torch.where(applies, value, torch.full_like(value, float("nan")))
+
+
+class Blueness(Reward):
+    """Mean blue-minus-red: pulls against ``Redness`` (a conflicting second reward)."""
+
+    name = "blueness"
+
+    def score(self, images, prompts, **meta):
+        return (images[:, 2] - images[:, 0]).mean(dim=(1, 2))

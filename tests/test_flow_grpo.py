@@ -314,7 +314,7 @@ def test_detaching_the_unconditional_branch_changes_the_gradient_not_the_ratio(t
         terms = trainer.loss(batch, micro)
         assert torch.allclose(terms["ratio"], torch.ones_like(terms["ratio"]))
         trainer.ctx.modules["policy"].optimizer.zero_grad()
-        terms["loss_grpo"].backward()
+        sum(v for k, v in terms.items() if k.startswith("loss_")).backward()
         grads[detach] = torch.cat([p.grad.flatten() for p in trainer.ctx.modules["policy"].trainable()])
         AcceleratorState._reset_state(True)
     assert not torch.allclose(grads[False], grads[True])
@@ -334,3 +334,48 @@ def test_the_curriculum_draws_prompts_with_spread_and_stops_when_none_is_left(ti
     with pytest.raises(ConfigError, match="ran out of prompts with reward variance"):
         trainer._track_spread(np.array([0, 1]), torch.tensor([0.0, 0.0]))
     AcceleratorState._reset_state(True)
+
+
+# -------------------------------------------------------------------------------------------- several rewards
+def test_sum_of_one_reward_keeps_flow_grpos_advantages(tiny_models, tmp_path):
+    trainer = FlowGRPOTrainer(TrainContext(_job(tiny_models, tmp_path / "run")))
+    batch = trainer.collect(0)
+    _, groups, _ = trainer.epoch_prompts(0)
+    torch.testing.assert_close(batch.advantages, group_advantages(batch.rewards, groups))
+    assert batch.reward_advantages is None and trainer.balance.balancer is None
+
+
+def test_marble_through_flow_grpo(tiny_models, tmp_path):
+    """The amortised step's single backward is the alpha-weighted sum of the per-reward gradients (plus the KL's);
+    a solve step logs QP weights and never points against a reward; the specialist's abstentions are masked."""
+    rewards = [{"name": "reward_fixtures:Redness"}, {"name": "reward_fixtures:CircleRedness"}]
+    (tmp_path / "two.txt").write_text("a red circle\na blue square\n")  # both drawn: the specialist scores half
+    job = _job(tiny_models, tmp_path / "run", rewards=rewards, prompts=str(tmp_path / "two.txt"),
+               balance={"method": "marble", "every": 1})  # fmt: skip
+    trainer = FlowGRPOTrainer(TrainContext(job))
+    batch = trainer.collect(0)
+    applies = ~torch.isnan(batch.reward_advantages)
+    assert batch.advantages is None and applies[:, 0].all() and applies[:, 1].float().mean() == 0.5
+    micro = trainer.split(batch, 0)[0][0]
+    params = trainer.ctx.modules["policy"].trainable()
+    balancer = trainer.balance.balancer
+    balancer.load_state_dict({"names": balancer.names, "weights": torch.tensor([0.25, 0.75], dtype=torch.float64),
+                              "last_full": 0, "solves": 1})  # fmt: skip
+    trainer.balance.begin_micro(1, 2)
+    assert trainer.balance.mode == "amortised"
+    terms = trainer.loss(batch, micro)
+    amortised = torch.autograd.grad(terms["loss_policy"] + terms["loss_kl"], params)
+    trainer.balance.mode = "solve"
+    terms = trainer.loss(batch, micro)
+    losses = terms["balance_reward_losses"]
+    g = [torch.autograd.grad(losses[k], params, retain_graph=True) for k in range(2)]
+    kl = torch.autograd.grad(terms["loss_kl"], params)
+    for i, got in enumerate(amortised):
+        torch.testing.assert_close(got, 0.25 * g[0][i] + 0.75 * g[1][i] + kl[i], rtol=1e-4, atol=1e-10)
+    balancer.load_state_dict({"names": balancer.names, "weights": None, "last_full": None, "solves": 0})
+    trainer.balance.store()
+    metrics = trainer.update(batch, 0)
+    assert metrics["balance/reports"] == 2 and metrics["balance/min_cos"] >= -1e-6  # one solve per optimizer step
+    assert metrics["balance/excluded"] == 0 and 0 < metrics["balance/alpha/CircleRedness"] < 1
+    assert {"balance/weight/Redness", "balance/alpha/CircleRedness", "reward/CircleRedness/applies"} <= set(
+        metrics) | set(batch.metrics)  # fmt: skip

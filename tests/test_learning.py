@@ -5,6 +5,7 @@ algorithm from learning fails here."""
 import json
 
 from diffalign.algorithms.flow_grpo import FlowGRPOJob, FlowGRPOTrainer
+from diffalign.algorithms.nft import NFTJob, NFTTrainer
 from diffalign.algorithms.raft import RAFTJob, RAFTTrainer
 from diffalign.config import load_config
 from diffalign.training.loop import run_training
@@ -49,3 +50,13 @@ def test_raft_raises_a_dense_reward(tmp_path, one_thread):
     run_training(load_config(RAFTJob, data), RAFTTrainer)
     before, after = _gain(tmp_path)
     assert after > 1.5 * before, (before, after)
+
+
+def test_nft_raises_a_dense_reward(tmp_path, one_thread):
+    """CFG-free rollouts and training (DiffusionNFT's default), judged under the CFG evaluation sampler."""
+    data = _common(tmp_path, epochs=12)
+    data["nft"] = {"prompts_per_epoch": 1, "group_size": 32, "batch_size": 32, "num_steps": 10,
+                   "updates_per_epoch": 4}  # fmt: skip
+    run_training(load_config(NFTJob, data), NFTTrainer)
+    before, after = _gain(tmp_path)
+    assert after > 2.0 * before, (before, after)

@@ -569,3 +569,16 @@ def test_graded_world_reward_and_its_errors():
         WorldReward(mode="strict")
     with pytest.raises(RewardError, match="a photo of"):
         RewardSet({"world": WorldReward(mode="graded")})(images, ["a red circle on a table"] * 2)
+
+
+def test_world_specialist_scores_its_categories_and_abstains_elsewhere():
+    import torch
+
+    from diffalign.rewards import build_reward
+
+    images = torch.from_numpy(np.stack([_scene(("circle", "red", 32, 32)), _scene(("circle", "red", 32, 32))]))
+    prompts = ["a photo of a red circle", "a photo of a circle"]  # colors / single_object
+    values = build_reward("world_specialist", categories=["colors"])(images, prompts)
+    assert values[0] == 1.0 and torch.isnan(values[1])
+    with pytest.raises(ValueError, match="categories"):
+        build_reward("world_specialist", categories=["colours"])

@@ -1,12 +1,25 @@
 """Training algorithms, one file each (config + trainer). ``ALGORITHMS``: name -> (job dataclass, trainer)."""
 
 from diffalign.algorithms.flow_grpo import FlowGRPOConfig, FlowGRPOJob, FlowGRPOTrainer, group_advantages
+from diffalign.algorithms.nft import NFTConfig, NFTJob, NFTTrainer
 from diffalign.algorithms.raft import RAFTConfig, RAFTJob, RAFTTrainer
 
 ALGORITHMS: dict[str, tuple[type, type]] = {
     "flow_grpo": (FlowGRPOJob, FlowGRPOTrainer),
+    "nft": (NFTJob, NFTTrainer),
     "raft": (RAFTJob, RAFTTrainer),
 }
 
-__all__ = ["ALGORITHMS", "FlowGRPOConfig", "FlowGRPOJob", "FlowGRPOTrainer", "RAFTConfig", "RAFTJob", "RAFTTrainer",
-           "group_advantages"]
+__all__ = [
+    "ALGORITHMS",
+    "FlowGRPOConfig",
+    "FlowGRPOJob",
+    "FlowGRPOTrainer",
+    "NFTConfig",
+    "NFTJob",
+    "NFTTrainer",
+    "RAFTConfig",
+    "RAFTJob",
+    "RAFTTrainer",
+    "group_advantages",
+]

@@ -9,7 +9,9 @@ Per epoch (``collect``):
    steps and Euler elsewhere, recording every stochastic transition's log-prob ``log p_old``.
 3. Score the decoded images with the ``RewardSet``; gather rewards over processes and compute per-prompt group
    advantages ``A = (r - mean_prompt(r)) / (std + 1e-4)``, with the std over the whole epoch (``global_std``,
-   Flow-GRPO's default) or within the group.
+   Flow-GRPO's default) or within the group. Several rewards combine as ``balance.method`` says (``sum``: the
+   advantage of the weighted total; ``gdpo``; ``marble``: per-reward advantages and gradients balanced by the
+   min-norm QP; see ``diffalign.balance.wiring``).
 
 Update: the samples are shuffled and split into ``updates_per_epoch`` optimizer steps (``split``); each step
 accumulates ``loss`` over its micro-batches of ``batch_size`` samples at every trained denoising step, each
@@ -43,6 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffalign.balance.balancer import BalanceConfig
+from diffalign.balance.wiring import RewardBalance
 from diffalign.config import ConfigError
 from diffalign.sampling.sampler import SDE, guided_velocity, sample, transition_log_prob, window
 from diffalign.sampling.steps import step as transition_step
@@ -170,6 +174,7 @@ class FlowGRPOJob(RunSection):
     kind: Literal["train"] = "train"
     algorithm: Literal["flow_grpo"] = "flow_grpo"
     flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
 
 def group_advantages(rewards: Tensor, groups: Tensor, global_std: bool = True, eps: float = 1e-4) -> Tensor:
@@ -203,7 +208,8 @@ class GRPOBatch(Batch):
         times: ``(T+1,)``; ``train_steps``: ``(N, S)`` long, the step indices each sample is trained on.
         prompts: N prompts; ``cond``, ``uncond``: their conditioning and the empty prompt's (None without CFG).
         sde: the epoch's stochastic step (its window) that the rollouts used.
-        advantages: ``(N,)``; ``rewards``: ``(N,)`` total reward.
+        advantages: ``(N,)`` combined advantages (None for ``balance.method=marble``); ``reward_advantages``:
+            ``(N, K)`` per-reward ones, NaN where a reward abstains (None when unused); ``rewards``: ``(N,)`` total.
     """
 
     states: Tensor
@@ -214,7 +220,8 @@ class GRPOBatch(Batch):
     cond: Cond
     uncond: Cond | None
     sde: SDE
-    advantages: Tensor
+    advantages: Tensor | None
+    reward_advantages: Tensor | None
     rewards: Tensor
 
 
@@ -250,6 +257,8 @@ class FlowGRPOTrainer(Trainer):
         ctx.states.update({"prompt_spread": self.spread, "prompt_drawn": self.drawn})
         ctx.prepare()
         self.flow.use_network(self.ft.policy.network)
+        self.balance = RewardBalance(ctx.cfg.balance, self.ft.rewards, self.ft.policy, acc, ctx.states,
+                                     global_std=self.cfg.global_std)  # fmt: skip
         self.cadence = ctx.cfg.train.cadence(progress=("reward_mean",))
         log.info(
             "flow_grpo layout: %d prompts x %d samples = %d per epoch over %d processes -> %d per process, "
@@ -304,7 +313,7 @@ class FlowGRPOTrainer(Trainer):
         flow = self.flow
         cond = flow.encode_prompt(prompts)
         uncond = flow.empty_cond(len(prompts)) if cfg.guidance_scale != 1 else None
-        states, log_probs, rewards, components = [], [], [], {}
+        states, log_probs, rewards, tables = [], [], [], []
         for b in range(0, self.local, cfg.batch_size):
             rows = list(range(b, b + cfg.batch_size))
             gen = seeded(ctx.seed, epoch, acc.process_index, b, 1)
@@ -328,13 +337,13 @@ class FlowGRPOTrainer(Trainer):
             states.append(traj.states)
             log_probs.append(traj.log_probs)
             rewards.append(out.total)
-            for name, value in out.components.items():
-                components.setdefault(name, []).append(value)
+            tables.append(torch.stack([out.components[n] for n in self.balance.names], dim=1))
         states, log_probs, rewards = torch.cat(states), torch.cat(log_probs), torch.cat(rewards)
 
         gathered = acc.gather(rewards)  # process-major = the global order of epoch_prompts
-        advantages_all = group_advantages(gathered.cpu(), all_groups, cfg.global_std)
-        advantages = advantages_all[start : start + self.local].to(flow.device)
+        table = acc.gather(torch.cat(tables)).cpu()
+        combined, columns = self.balance.advantages(table, all_groups)
+        mine = slice(start, start + self.local)
 
         trainable = [i for i in range(cfg.num_steps) if bool(torch.isfinite(log_probs[:, i]).all())]
         if not trainable:
@@ -353,11 +362,12 @@ class FlowGRPOTrainer(Trainer):
             "zero_std_ratio": float((group_std < 1e-6).float().mean()),
             "stochastic_steps": float(len(trainable)),
         }
-        for name, values in components.items():
-            metrics[f"reward/{name}"] = float(acc.gather(torch.cat(values)).nanmean())
+        metrics.update(self.balance.reward_metrics(table))
         return GRPOBatch(states=states, log_probs=log_probs, times=self.times, train_steps=train_steps,
-                         prompts=prompts, cond=cond, uncond=uncond, sde=sde, advantages=advantages, rewards=rewards,
-                         metrics=metrics)  # fmt: skip
+                         prompts=prompts, cond=cond, uncond=uncond, sde=sde,
+                         advantages=None if combined is None else combined[mine].to(flow.device),
+                         reward_advantages=None if columns is None else columns[mine].to(flow.device),
+                         rewards=rewards, metrics=metrics)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------- update
     def split(self, batch: GRPOBatch, epoch: int) -> list[list[GRPOMicro]]:
@@ -373,8 +383,9 @@ class FlowGRPOTrainer(Trainer):
 
     def loss(self, batch: GRPOBatch, micro: GRPOMicro) -> dict[str, Tensor]:
         """Eq. 8 at the samples ``micro.rows`` (``B`` of them) at their trained step ``micro.column``:
-        ``loss_grpo`` is ``L`` weighted by the micro-batch's share of its optimizer step; ``ratio``,
-        ``clipfrac``, ``approx_kl``, ``kl`` (``(B,)``) and ``policy_loss`` are diagnostics."""
+        ``loss_policy`` (or the per-reward losses the balancer takes) and ``loss_kl`` are ``L``'s terms weighted by
+        the micro-batch's share of its optimizer step; ``ratio``, ``clipfrac``, ``approx_kl`` and ``kl`` (``(B,)``)
+        are diagnostics."""
         cfg, flow, rows = self.cfg, self.flow, micro.rows
         steps = batch.train_steps[rows, micro.column]
         x_t = batch.states[rows, steps]
@@ -387,17 +398,21 @@ class FlowGRPOTrainer(Trainer):
                                   uncond=uncond, detach_uncond=cfg.detach_uncond)  # fmt: skip
         old = batch.log_probs[rows, steps]
         ratio = torch.exp(out.log_prob - old)
-        adv = batch.advantages[rows].clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
-        unclipped = -adv * ratio
-        clipped = -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
-        policy = torch.maximum(unclipped, clipped).mean()
-        terms = {
+
+        def per_sample(advantages: Tensor) -> Tensor:
+            adv = advantages.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+            return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+
+        # this micro-batch's share of the optimizer step's mean over its (sample, trained step) pairs
+        share = rows.numel() / micro.step_rows / batch.train_steps.shape[1]
+        combined = None if batch.advantages is None else batch.advantages[rows]
+        columns = None if batch.reward_advantages is None else batch.reward_advantages[rows]
+        terms = self.balance.policy_terms(per_sample, combined, columns, share)
+        terms.update({
             "ratio": ratio.detach(),
             "clipfrac": ((ratio.detach() - 1).abs() > cfg.clip_range).float(),
             "approx_kl": 0.5 * (out.log_prob.detach() - old) ** 2,
-            "policy_loss": policy.detach(),
-        }
-        loss = policy
+        })  # fmt: skip
         if cfg.beta > 0:
             reference = flow.adapter(None) if self.reference is None else flow.using(self.reference)
             with torch.no_grad(), reference:
@@ -407,11 +422,23 @@ class FlowGRPOTrainer(Trainer):
             sq = (out.mean - ref.mean) ** 2
             sq = sq.mean(dim=dims) if cfg.reduce == "mean" else sq.sum(dim=dims)
             kl = sq / (2 * out.std**2)
-            loss = loss + cfg.beta * kl.mean()
+            terms["loss_kl"] = share * cfg.beta * kl.mean()
             terms["kl"] = kl.detach()
-        # this micro-batch's share of the optimizer step's mean over its (sample, trained step) pairs
-        terms["loss_grpo"] = loss * rows.numel() / micro.step_rows / batch.train_steps.shape[1]
         return terms
+
+    def micro_sync(self, index: int, micros: int) -> bool:
+        return self.balance.begin_micro(index, micros)
+
+    def backward(self, terms: dict[str, Tensor], epoch: int) -> None:
+        self.balance.backward(terms, epoch, super().backward)
+
+    def update(self, batch: GRPOBatch, epoch: int) -> dict[str, float]:
+        """The epoch's optimizer steps, with the balancer's state restored before and stored after."""
+        self.balance.restore()
+        out = super().update(batch, epoch)
+        out.update(self.balance.epoch_metrics())
+        self.balance.store()
+        return out
 
     # ------------------------------------------------------------------------------------------------- loop hooks
     def evaluate(self, epoch: int, tag: str) -> dict[str, Any]:

@@ -21,10 +21,11 @@ from diffalign.rewards.preference import (
     ImageRewardReward,
     PickScoreReward,
 )
-from diffalign.rewards.world import WorldReward
+from diffalign.rewards.world import WorldReward, WorldSpecialistReward
 
 REWARDS: dict[str, type[Reward]] = {
     "world": WorldReward,
+    "world_specialist": WorldSpecialistReward,
     "pickscore": PickScoreReward,
     "hpsv2": HPSv2Reward,
     "imagereward": ImageRewardReward,
@@ -109,6 +110,7 @@ __all__ = [
     "RewardOutput",
     "RewardSet",
     "WorldReward",
+    "WorldSpecialistReward",
     "build_reward",
     "build_reward_set",
     "reward_class",

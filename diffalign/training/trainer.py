@@ -190,10 +190,10 @@ class Trainer(ABC):
         modules: Sequence[str],
     ) -> dict[str, float]:
         """Take the optimizer ``steps`` of the registered ``modules`` (by name): per step, zero their gradients,
-        back-propagate the summed ``loss_*`` terms of ``loss(batch, micro)`` for every micro-batch (gradients are
-        synchronised over processes on the last one), then clip, step the optimizer and scheduler and update the
-        EMA of each. A NaN/inf objective raises before its backward pass, a NaN/inf gradient norm before the
-        optimizer step.
+        back-propagate the terms of ``loss(batch, micro)`` for every micro-batch (``backward``: their summed
+        ``loss_*`` terms; gradients are synchronised over processes where ``micro_sync`` says, the last one), then
+        clip, step the optimizer and scheduler and update the EMA of each. A NaN/inf objective raises before its
+        backward pass, a NaN/inf gradient norm before the optimizer step.
 
         Returns the diagnostics averaged over the micro-batches, each ``loss_*`` term as the mean over steps of
         its per-step sum (averaged over processes), and ``grad_norm`` (``grad_norm/<name>`` with several
@@ -209,11 +209,9 @@ class Trainer(ABC):
             for m in trained:
                 m.optimizer.zero_grad(set_to_none=True)
             for k, micro in enumerate(step):
-                with ctx.sync_context(k == len(step) - 1), ctx.accelerator.autocast():
+                with ctx.sync_context(self.micro_sync(k, len(step))), ctx.accelerator.autocast():
                     terms = loss(batch, micro)
-                objective = _objective(terms)
-                check_finite(objective.detach(), "training loss", epoch)
-                ctx.accelerator.backward(objective)
+                self.backward(terms, epoch)
                 for key, value in terms.items():
                     into = losses if key.startswith("loss_") else sums
                     into[key] = into.get(key, 0.0) + float(value.detach().float().mean())
@@ -228,6 +226,20 @@ class Trainer(ABC):
             means = ctx.accelerator.reduce(means, reduction="mean")
             out.update({k: float(v) for k, v in zip(keys, means, strict=True)})
         return out
+
+    def micro_sync(self, index: int, micros: int) -> bool:
+        """Called before the forward pass of micro-batch ``index`` of an optimizer step of ``micros``: whether its
+        backward synchronises the gradients over processes. Default: only the step's last one. A trainer that
+        forms some micro-steps' gradients itself (the reward balancer's solves) decides per micro-step here."""
+        return index == micros - 1
+
+    def backward(self, terms: dict[str, Tensor], epoch: int) -> None:
+        """Back-propagate one micro-batch's ``terms``: by default the sum of its ``loss_*`` terms, refused when it is
+        not finite. A trainer that forms the gradient otherwise (the reward balancer) overrides it; it may remove
+        from ``terms`` what it consumed, and what is left is logged."""
+        objective = _objective(terms)
+        check_finite(objective.detach(), "training loss", epoch)
+        self.ctx.accelerator.backward(objective)
 
     def evaluate(self, epoch: int, tag: str) -> dict[str, Any]:
         """Evaluate after ``epoch`` epochs (``tag``: ``before``, ``epoch-00010``, ``after``); called on every
