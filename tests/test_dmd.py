@@ -14,6 +14,7 @@ from diffalign.algorithms.dmd import FAKE, GENERATOR, DMDJob, DMDTrainer, read_s
 from diffalign.config import ConfigError, load_config
 from diffalign.pipelines import load_flow_model
 from diffalign.pipelines.tiny import build_tiny
+from diffalign.release import release
 from diffalign.sampling.sampler import sample
 from diffalign.training.loop import TrainContext, run_training
 
@@ -183,6 +184,11 @@ def test_the_exported_student_through_the_stock_pipeline_equals_our_sampler(tiny
     with torch.no_grad():
         teacher = sample(base, base.encode_prompt(PROMPTS), times, x_init=noise).final
     assert (teacher - ours).abs().max() > 1e-4
+    # the release's card calls the pipeline with the student's times and without CFG
+    card = (tmp_path / "release").joinpath("README.md")
+    release(out, tmp_path / "release")
+    text = card.read_text()
+    assert f"sigmas={record['times'][:-1]!r}" in text and "guidance_scale=1.0" in text, text
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -61,6 +61,7 @@ from torch import Tensor
 
 from diffalign.algorithms.flow_matching import PromptCache
 from diffalign.config import ConfigError, SamplingConfig, check_sigmas
+from diffalign.release import SIGMAS_FILE, STUDENT_FILE
 from diffalign.sampling.sampler import guided_velocity
 from diffalign.training.evaluation import Evaluator, plot_history
 from diffalign.training.finetuning import Finetuning, RunSection
@@ -72,8 +73,6 @@ log = logging.getLogger("diffalign.dmd")
 
 #: The generator's adapter (``Finetuning``'s LoRA) and the fake score's.
 GENERATOR, FAKE = "default", "fake_score"
-#: The file beside an exported student's LoRA that says how to sample it.
-STUDENT_FILE = "student.json"
 #: Families whose adapters support this trainer.
 FAMILIES = ("sd3", "flux")
 
@@ -324,12 +323,17 @@ class DMDTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------- export
     def _export(self, directory: str, state: dict[str, Tensor]) -> None:
-        """The student as a diffusers LoRA plus ``student.json``: how to call the stock pipeline on it."""
+        """The student as a diffusers LoRA, with ``student.json`` (how to call the stock pipeline of the base on
+        it: ``num_inference_steps``, ``sigmas``, ``guidance_scale``; its family and shifted ``times``) and
+        ``sigmas.json`` (the shifted times without the final 0, what ``diffalign release`` builds the student's
+        scheduler from)."""
         self.flow.save_lora(directory, adapter_name=GENERATOR, state_dict=state)
         record = {"family": self.flow.family, "num_inference_steps": self.student.num_steps,
                   "sigmas": self.student.sigmas, "guidance_scale": 1.0, "times": self.times.tolist()}  # fmt: skip
         with open(os.path.join(directory, STUDENT_FILE), "w") as f:
             json.dump(record, f, indent=1)
+        with open(os.path.join(directory, SIGMAS_FILE), "w") as f:
+            json.dump(self.times[:-1].tolist(), f)
 
     # ------------------------------------------------------------------------------------------------- loop hooks
     def evaluate(self, epoch: int, tag: str) -> dict[str, Any]:
