@@ -27,7 +27,7 @@ every process), run G for ``k`` Euler steps from noise without gradient to the s
    gradient of the reverse KL between G's distribution and the (guided) teacher's; the per-sample normaliser
    is DMD's in place of an analytic weight. When F equals the teacher (and ``w = 1``) ``g`` is exactly 0.
 2. every epoch, one **fake-score step**: flow matching on G's detached samples ``x``
-   (``t`` logit-normal, ``L_F = mean || v_F((1-t) x + t eps) - (eps - x) ||^2``), after the generator step,
+   (``t`` as the distribution-matching loss draws it, or logit-normal; ``L_F = mean || v_F((1-t) x + t eps) - (eps - x) ||^2``), after the generator step,
    on the same samples (DMD2's order). F therefore takes ``generator_every`` steps per generator step (the
    two time-scale rule that keeps F close to G's current distribution).
 
@@ -37,7 +37,8 @@ teacher, and the generator gradient would be only the CFG difference).
 Defaults, with the anchors' values (DMD2 ``main/train_sd.py``, ``experiments/*``; RTDMD ``DMDTrainer``):
 4 steps at ``[1, 0.75, 0.5, 0.25]`` (DMD2's timesteps 999/749/499/249, RTDMD's list) before the shift;
 ``generator_every`` 5 (DMD2 SDXL; 10 for SD1.5 and RTDMD); real CFG: the family's (SD3 4.5, RTDMD's SD3.5);
-DM times over indices [20, 980] of 1000 (both); F's times logit-normal(0, 1) (RTDMD; DMD2 uniform); the same
+DM times over indices [20, 980] of 1000 (both); F's times uniform over the same levels (DMD2; RTDMD
+logit-normal(0, 1)); the same
 learning rate for both networks (both); LoRA on both (RTDMD r32/alpha64). DMD2's GAN term and regression
 warm-up are not implemented. The student samples with Euler steps (deterministic), so the stock
 ``FlowMatchEulerDiscreteScheduler`` of the exported pipeline reproduces it; DMD2 re-noises the clean estimate
@@ -86,22 +87,29 @@ class DMDConfig:
             stock pipeline's ``sigmas`` argument is this list without its final 0).
         generator_every: a generator step every this many epochs; the fake score steps every epoch.
         batch_size: generator samples per process and epoch.
+        stop: the step whose state G is trained at: ``random`` (DMD2's backward simulation, uniform over the
+            steps) or ``last`` (always the final step, so that the fake score models the student's outputs).
         real_guidance_scale: the teacher's CFG scale in the real score (null: the family's default, 1 for
             guidance-embedded checkpoints).
         real_guidance: embedded guidance of a guidance-distilled teacher (FLUX.1-dev; null: 3.5).
         dm_time_range: fractions of the checkpoint's 1000-level training schedule that the re-noising time of
             the distribution-matching loss is drawn from, uniformly over the levels.
         fake_lr: the fake score's learning rate (null: ``train.lr``).
-        fake_logit_mean, fake_logit_std: the logit-normal of the fake score's flow-matching times.
+        fake_time_sampling: how the fake score's flow-matching times are drawn: ``uniform`` over
+            ``dm_time_range`` of the training schedule (where the distribution-matching loss evaluates it; DMD2
+            draws both uniformly) or ``logit_normal`` (RTDMD).
+        fake_logit_mean, fake_logit_std: that logit-normal's location and scale.
     """
 
     sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])
     generator_every: int = 5
     batch_size: int = 8
+    stop: Literal["random", "last"] = "random"
     real_guidance_scale: float | None = None
     real_guidance: float | None = None
     dm_time_range: list[float] = field(default_factory=lambda: [0.02, 0.98])
     fake_lr: float | None = None
+    fake_time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     fake_logit_mean: float = 0.0
     fake_logit_std: float = 1.0
 
@@ -249,7 +257,10 @@ class DMDTrainer(Trainer):
         rng = np.random.default_rng([ctx.seed, rank, epoch, 1])
         prompts = [self.ft.prompts[i] for i in rng.integers(len(self.ft.prompts), size=n)]
         cond = self.encode(prompts).to(device)
-        stop = int(np.random.default_rng([ctx.seed, epoch, 2]).integers(cfg.num_steps))  # shared by processes
+        if cfg.stop == "random":  # the same on every process
+            stop = int(np.random.default_rng([ctx.seed, epoch, 2]).integers(cfg.num_steps))
+        else:
+            stop = cfg.num_steps - 1
         gen = seeded(ctx.seed, rank, epoch, 3)
         x = torch.randn((n, *self.shape), generator=gen).to(device)
         with ctx.accelerator.autocast(), flow.adapter(GENERATOR):
@@ -258,8 +269,11 @@ class DMDTrainer(Trainer):
             x0 = x - float(self.times[stop]) * flow.velocity(x, float(self.times[stop]), cond)
         dm_t = self.dm_levels[torch.randint(len(self.dm_levels), (n,), generator=gen)]
         dm_noise = torch.randn((n, *self.shape), generator=gen)
-        fake_t = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=cfg.fake_logit_mean,
-                                                       logit_std=cfg.fake_logit_std, generator=gen)  # fmt: skip
+        if cfg.fake_time_sampling == "uniform":
+            fake_t = self.dm_levels[torch.randint(len(self.dm_levels), (n,), generator=gen)]
+        else:
+            fake_t = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=cfg.fake_logit_mean,
+                                                           logit_std=cfg.fake_logit_std, generator=gen)  # fmt: skip
         fake_noise = torch.randn((n, *self.shape), generator=gen)
         return DMDBatch(cond=cond, stop=stop, x_k=x.float(), x0=x0.float(), dm_t=dm_t.to(device),
                         dm_noise=dm_noise.to(device), fake_t=fake_t.to(device), fake_noise=fake_noise.to(device),
