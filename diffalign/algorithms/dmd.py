@@ -10,14 +10,14 @@ Three networks share one transformer:
   shifts its ``sigmas`` argument), started from the teacher (its LoRA starts at zero), sampled without CFG;
 - the **fake score** F (the LoRA adapter ``fake_score``): tracks the distribution of G's samples, without CFG.
 
-Per epoch, on ``batch_size`` prompts per process (``collect``): draw the stop step ``k ~ U{0..K-1}`` (the same on
-every process), run G for ``k`` Euler steps from noise without gradient to the state ``x_k`` at ``s_k``
-(backward simulation: G is trained on the states its own sampler visits), and its clean estimate
-``x = x_k - s_k v_G(x_k)``. The update (``update``) then takes
+Per epoch, on ``batch_size`` prompts per process (``collect``): pick the stop step ``k`` (``dmd.stop``:
+``random``, uniform over the ``K`` steps and the same on every process, or the ``last``), run G for ``k`` Euler
+steps from noise without gradient to the state ``x_k`` at ``s_k`` (backward simulation: G is trained on the
+states its own sampler visits), and its clean estimate ``x = x_k - s_k v_G(x_k)``. The update then takes
 
 1. every ``generator_every``-th epoch, one **generator step** on the distribution-matching loss. With
-   ``x = x_k - s_k v_G(x_k)`` recomputed with gradient (through the last executed step only),
-   ``t ~ U`` over ``dm_time_range`` of the checkpoint's 1000-level training schedule and ``x_t = (1-t) x + t eps``::
+   ``x = x_k - s_k v_G(x_k)`` recomputed with gradient (through the last executed step only), ``t`` uniform
+   over ``dm_time_range`` of the checkpoint's 1000-level training schedule and ``x_t = (1-t) x + t eps``::
 
        x0_real = x_t - t v_real(x_t),   x0_fake = x_t - t v_F(x_t)                   (no gradient)
        g = (x0_fake - x0_real) / mean_CHW |x - x0_real|                              (per sample, NaN -> 0)
@@ -26,23 +26,24 @@ every process), run G for ``k`` Euler steps from noise without gradient to the s
    ``x0_fake - x0_real = t (v_real - v_F)`` points along the score difference ``s_fake - s_real``, the
    gradient of the reverse KL between G's distribution and the (guided) teacher's; the per-sample normaliser
    is DMD's in place of an analytic weight. When F equals the teacher (and ``w = 1``) ``g`` is exactly 0.
-2. every epoch, one **fake-score step**: flow matching on G's detached samples ``x``
-   (``t`` as the distribution-matching loss draws it, or logit-normal; ``L_F = mean || v_F((1-t) x + t eps) - (eps - x) ||^2``), after the generator step,
-   on the same samples (DMD2's order). F therefore takes ``generator_every`` steps per generator step (the
-   two time-scale rule that keeps F close to G's current distribution).
+2. every epoch, one **fake-score step**: flow matching on G's detached samples ``x``, after the generator
+   step and on the same samples (DMD2's order), ``t`` drawn as the distribution-matching loss draws it (or
+   logit-normal)::
 
-The first generator step comes after ``generator_every - 1`` fake-score steps (at the start F equals the
-teacher, and the generator gradient would be only the CFG difference).
+       L_F = mean || v_F((1-t) x + t eps) - (eps - x) ||^2
+
+   F thus takes ``generator_every`` steps per generator step (the two time-scale rule that keeps F close to
+   G's current distribution). The first generator step comes after ``generator_every - 1`` of them (at the
+   start F is the teacher, and the generator gradient only the CFG difference).
 
 Defaults, with the anchors' values (DMD2 ``main/train_sd.py``, ``experiments/*``; RTDMD ``DMDTrainer``):
 4 steps at ``[1, 0.75, 0.5, 0.25]`` (DMD2's timesteps 999/749/499/249, RTDMD's list) before the shift;
 ``generator_every`` 5 (DMD2 SDXL; 10 for SD1.5 and RTDMD); real CFG: the family's (SD3 4.5, RTDMD's SD3.5);
 DM times over indices [20, 980] of 1000 (both); F's times uniform over the same levels (DMD2; RTDMD
-logit-normal(0, 1)); the same
-learning rate for both networks (both); LoRA on both (RTDMD r32/alpha64). DMD2's GAN term and regression
-warm-up are not implemented. The student samples with Euler steps (deterministic), so the stock
-``FlowMatchEulerDiscreteScheduler`` of the exported pipeline reproduces it; DMD2 re-noises the clean estimate
-with fresh noise between steps instead.
+logit-normal(0, 1)); one learning rate for both networks (both); LoRA on both (RTDMD r32/alpha64). DMD2's
+GAN term and regression warm-up are not implemented. The student samples with Euler steps (deterministic),
+so the stock ``FlowMatchEulerDiscreteScheduler`` reproduces it from the exported LoRA and sigmas; DMD2
+re-noises the clean estimate with fresh noise between steps instead.
 """
 
 from __future__ import annotations
