@@ -222,12 +222,23 @@ def test_bad_configs_name_the_key(tiny, tmp_path, override, match):
         _job(tiny, tmp_path / "a", **override)
 
 
-def test_a_student_of_another_family_is_refused(tiny, tmp_path):
+def test_a_student_of_another_family_is_refused(tiny, tmp_path, caplog):
+    from diffalign.cli import preflight
+    from diffalign.config import SampleJob
+
     folder = tmp_path / "flux_student"
     folder.mkdir()
-    (folder / "student.json").write_text(json.dumps({"family": "flux", "sigmas": [1.0, 0.5]}))
+    record = {"family": "flux", "sigmas": [1.0, 0.5], "num_inference_steps": 2, "guidance_scale": 1.0}
+    (folder / "student.json").write_text(json.dumps(record))
     with pytest.raises(ConfigError, match="model.lora.*'flux' teacher"):
         _job(tiny, tmp_path / "a", **{"model.lora": str(folder)})
+    model = {"family": "sd3", "path": str(tiny / "sd3"), "lora": str(folder)}
+    sample_job = load_config(SampleJob, {"model": model, "sampling": {"height": 32, "width": 32}})
+    with pytest.raises(ConfigError, match="model.lora.*'flux' teacher"):  # diffalign sample / eval / steer
+        preflight(sample_job, str(tmp_path / "out"), "--out")
+    (folder / "student.json").write_text(json.dumps({**record, "family": "sd3"}))
+    preflight(sample_job, str(tmp_path / "out"), "--out")  # the right family: sampled, with a hint
+    assert "sampling.sigmas=[1.0, 0.5]" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ learning
