@@ -112,6 +112,23 @@ def preflight(job: Any, out: str, out_name: str) -> None:
         resolve_device(model.device, "model.device")
         sampling = getattr(job, "sampling", None)
         check_pretrained(model.family, model.path, getattr(sampling, "height", None), getattr(sampling, "width", None))
+        if model.lora and os.path.isdir(model.lora):
+            _check_student(model, sampling)
+
+
+def _check_student(model: Any, sampling: Any) -> None:
+    """A DMD student (``student.json`` beside its LoRA) must be of ``model.family``; sampling it with another
+    schedule than its own is allowed, with a warning that says how to sample it as trained."""
+    from diffalign.algorithms.dmd import check_student_family, read_student
+
+    check_student_family(model.lora, model.family, "model.lora")
+    record = read_student(model.lora)
+    if record is None or sampling is None:
+        return
+    if sampling.sigmas != record["sigmas"] or sampling.guidance_scale != record["guidance_scale"]:
+        log.warning("%s is a %d-step student; to sample it as trained, set sampling.num_steps=%d "
+                    "'sampling.sigmas=%s' sampling.guidance_scale=%s", model.lora, record["num_inference_steps"],
+                    record["num_inference_steps"], record["sigmas"], record["guidance_scale"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- commands

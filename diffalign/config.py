@@ -246,6 +246,22 @@ def check_compiler(key: str = "model.compile") -> None:
                           f"install one or set {key}=false")  # fmt: skip
 
 
+def check_sigmas(sigmas: list[float], key: str, *, final_zero: bool) -> None:
+    """``ConfigError`` naming ``key`` unless ``sigmas`` strictly decrease within [0, 1], start above 0 and (with
+    ``final_zero``) end at exactly 0, or (without) stay above 0."""
+    values = [float(s) for s in sigmas]
+    if len(values) < (2 if final_zero else 1):
+        raise ConfigError(f"config key '{key}': needs at least {2 if final_zero else 1} values, got {values}")
+    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
+        raise ConfigError(f"config key '{key}': must strictly decrease, got {values}")
+    if values[0] > 1 or values[-1] < 0:
+        raise ConfigError(f"config key '{key}': times must lie in [0, 1], got {values}")
+    if final_zero and values[-1] != 0:
+        raise ConfigError(f"config key '{key}': must decrease to exactly 0 (the clean sample), got {values}")
+    if not final_zero and values[-1] <= 0:
+        raise ConfigError(f"config key '{key}': must stay above 0 (the final 0 is implied), got {values}")
+
+
 # ---------------------------------------------------------------------------------------------- shared sections
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -296,6 +312,9 @@ class SamplingConfig:
         guidance_scale: classifier-free guidance scale (1 = none; null = the family default: SD3 4.5).
         guidance: embedded guidance of guidance-distilled checkpoints (FLUX.1-dev; null = 3.5).
         shift: static time shift (null = the checkpoint's own schedule).
+        sigmas: ``num_steps`` step times in (0, 1], strictly decreasing, in place of the uniform grid that the
+            checkpoint's scheduler shifts (the stock pipelines' ``sigmas`` argument; a few-step student's list);
+            null = the uniform grid.
         sde: ``ode`` (deterministic Euler), or a stochastic step: ``flow_sde``, ``cps``, ``dance``.
         noise_level: the stochastic step's noise scale.
     """
@@ -306,6 +325,7 @@ class SamplingConfig:
     guidance_scale: float | None = None
     guidance: float | None = None
     shift: float | None = None
+    sigmas: list[float] | None = None
     sde: Literal["ode", "flow_sde", "cps", "dance"] = "ode"
     noise_level: float = 0.7
 
@@ -318,6 +338,13 @@ class SamplingConfig:
             raise ConfigError(f"config key 'sampling.guidance_scale': must be >= 1, got {self.guidance_scale}")
         if self.sde != "ode" and self.noise_level <= 0:
             raise ConfigError(f"config key 'sampling.noise_level': must be > 0 for sde={self.sde}")
+        if self.sigmas is not None:
+            check_sigmas(self.sigmas, "sampling.sigmas", final_zero=False)
+            if len(self.sigmas) != self.num_steps:
+                raise ConfigError(f"config key 'sampling.sigmas': {len(self.sigmas)} sigmas for num_steps "
+                                  f"{self.num_steps}; give one per step")  # fmt: skip
+            if self.shift is not None:
+                raise ConfigError("config key 'sampling.sigmas': give either sigmas or shift, not both")
 
 
 @dataclass(kw_only=True)

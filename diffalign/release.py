@@ -48,6 +48,8 @@ log = logging.getLogger("diffalign.release")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SCHEDULER_FILE = "scheduler_config.json"
 SIGMAS_FILE = "sigmas.json"
+#: A DMD student's sampling record, beside its LoRA in ``final/`` (written by ``algorithms.dmd``).
+STUDENT_FILE = "student.json"
 BUILTIN_PREFIX = "builtin:"
 PROJECT_LICENSE = "apache-2.0"  # the license of diffalign and of the models it ships (``builtin:``)
 
@@ -97,6 +99,8 @@ class RunInfo:
         kind: ``"lora"`` or ``"full"`` (a whole transformer in ``final/``).
         scheduler_config: the student's scheduler config (``final/scheduler_config.json``), or None.
         sigmas: the student's times (``final/sigmas.json``), or None.
+        guidance_scale: the student's own CFG scale (``final/student.json``, a DMD student's 1), in place of
+            the run's ``sampling.guidance_scale`` (its teacher's), or None.
         eval_before, eval_after: the held-out evaluation summaries, or None.
         images: release name -> source file, for the images the card shows.
     """
@@ -111,6 +115,7 @@ class RunInfo:
     kind: str
     scheduler_config: dict[str, Any] | None = None
     sigmas: list[float] | None = None
+    guidance_scale: float | None = None
     eval_before: dict[str, Any] | None = None
     eval_after: dict[str, Any] | None = None
     images: dict[str, str] = field(default_factory=dict)
@@ -169,6 +174,9 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
     sigmas_path = os.path.join(final, SIGMAS_FILE)
     if os.path.isfile(sigmas_path):
         info.sigmas = _check_sigmas(_read_json(sigmas_path, "the sigmas"), sigmas_path)
+    student_path = os.path.join(final, STUDENT_FILE)
+    if os.path.isfile(student_path):
+        info.guidance_scale = float(_read_json(student_path, "the student record")["guidance_scale"])
     for tag in ("before", "after"):
         path = os.path.join(run_dir, f"eval_{tag}.json")
         if os.path.isfile(path):
@@ -517,6 +525,8 @@ def _call_arguments(info: RunInfo, prompt: str) -> list[str]:
         args.append(f"sigmas={info.sigmas!r}")
     elif sampling.get("num_steps") is not None:
         args.append(f"num_inference_steps={sampling['num_steps']}")
+    if info.guidance_scale is not None:
+        sampling = {**sampling, "guidance_scale": info.guidance_scale}
     args += [f"{k}={sampling[k]}" for k in ("guidance_scale", "height", "width") if sampling.get(k) is not None]
     if model.get("max_sequence_length") is not None:
         args.append(f"max_sequence_length={model['max_sequence_length']}")

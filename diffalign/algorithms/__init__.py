@@ -1,10 +1,12 @@
 """Training algorithms, one file each (config + trainer). ``ALGORITHMS``: name -> (job dataclass, trainer)."""
 
+from diffalign.algorithms.dmd import DMDConfig, DMDJob, DMDTrainer
 from diffalign.algorithms.flow_grpo import FlowGRPOConfig, FlowGRPOJob, FlowGRPOTrainer, group_advantages
 from diffalign.algorithms.nft import NFTConfig, NFTJob, NFTTrainer
 from diffalign.algorithms.raft import RAFTConfig, RAFTJob, RAFTTrainer
 
 ALGORITHMS: dict[str, tuple[type, type]] = {
+    "dmd": (DMDJob, DMDTrainer),
     "flow_grpo": (FlowGRPOJob, FlowGRPOTrainer),
     "nft": (NFTJob, NFTTrainer),
     "raft": (RAFTJob, RAFTTrainer),
@@ -12,6 +14,9 @@ ALGORITHMS: dict[str, tuple[type, type]] = {
 
 __all__ = [
     "ALGORITHMS",
+    "DMDConfig",
+    "DMDJob",
+    "DMDTrainer",
     "FlowGRPOConfig",
     "FlowGRPOJob",
     "FlowGRPOTrainer",

@@ -406,17 +406,30 @@ class FlowModel(ABC):
         return dist.mode() if generator is None else dist.sample(generator)
 
     # ----------------------------------------------------------------------------------------------- time grid
-    def time_grid(self, num_steps: int, height: int, width: int, shift: float | None = None) -> Tensor:
+    def time_grid(
+        self, num_steps: int, height: int, width: int, shift: float | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> Tensor:  # fmt: skip
         """``(num_steps + 1,)`` float32 times from ~1 down to exactly 0.
 
         With ``shift=None`` this is the checkpoint's own schedule, computed by its diffusers scheduler exactly
         as the stock pipeline does (SD3: static shift; FLUX.1/FLUX.2: resolution-dependent dynamic shift). A
         float ``shift`` instead applies the static SD3 shift ``s t / (1 + (s - 1) t)`` to the uniform grid
-        ``linspace(1, 1/T, T)``.
+        ``linspace(1, 1/T, T)``. ``sigmas`` (``num_steps`` decreasing values in (0, 1], e.g. a few-step
+        student's) replace that uniform grid: the stock pipeline's ``sigmas`` argument, which its scheduler
+        shifts as it shifts its own grid.
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.latent_shape(height, width)
+        if sigmas is not None:
+            if len(sigmas) != num_steps:
+                raise ValueError(f"{len(sigmas)} sigmas given for {num_steps} steps")
+            if shift is not None:
+                raise ValueError("give either sigmas or shift, not both")
+            scheduler = copy.deepcopy(self.pipe.scheduler)
+            self._set_timesteps(scheduler, num_steps, height, width, sigmas=[float(s) for s in sigmas])
+            return scheduler.sigmas.detach().float().cpu()
         if shift is not None:
             if shift <= 0:
                 raise ValueError(f"shift must be > 0, got {shift}")
@@ -428,8 +441,11 @@ class FlowModel(ABC):
         return scheduler.sigmas.detach().float().cpu()
 
     @abstractmethod
-    def _set_timesteps(self, scheduler, num_steps: int, height: int, width: int) -> None:
-        """Call ``scheduler.set_timesteps`` exactly as the stock pipeline does for this image size."""
+    def _set_timesteps(
+        self, scheduler, num_steps: int, height: int, width: int, sigmas: list[float] | None = None
+    ) -> None:
+        """Call ``scheduler.set_timesteps`` exactly as the stock pipeline does for this image size (given
+        ``sigmas``: as it does when called with them)."""
 
     # ----------------------------------------------------------------------------------------------- LoRA
     def add_lora(

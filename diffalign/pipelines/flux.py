@@ -90,7 +90,9 @@ class FluxFlowModel(FlowModel):
         z = latents / vae.config.scaling_factor + vae.config.shift_factor
         return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0]
 
-    def _set_timesteps(self, scheduler, num_steps: int, height: int, width: int) -> None:
+    def _set_timesteps(
+        self, scheduler, num_steps: int, height: int, width: int, sigmas: list[float] | None = None
+    ) -> None:
         seq_len = (height // self.spatial_factor // 2) * (width // self.spatial_factor // 2)
         cfg = scheduler.config
         mu = calculate_shift(
@@ -100,5 +102,6 @@ class FluxFlowModel(FlowModel):
             cfg.get("base_shift", 0.5),
             cfg.get("max_shift", 1.15),
         )
-        sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        if sigmas is None and not cfg.get("use_flow_sigmas", False):
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         scheduler.set_timesteps(num_steps if sigmas is None else None, device="cpu", sigmas=sigmas, mu=mu)

@@ -93,8 +93,11 @@ class Flux2FlowModel(FlowModel):
         vae = self.pipe.vae
         return vae.decode(self.to_vae_latents(latents.to(vae.device, vae.dtype)), return_dict=False)[0]
 
-    def _set_timesteps(self, scheduler, num_steps: int, height: int, width: int) -> None:
+    def _set_timesteps(
+        self, scheduler, num_steps: int, height: int, width: int, sigmas: list[float] | None = None
+    ) -> None:
         seq_len = (height // self.spatial_factor) * (width // self.spatial_factor)
         mu = compute_empirical_mu(image_seq_len=seq_len, num_steps=num_steps)
-        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        if sigmas is None and not scheduler.config.get("use_flow_sigmas", False):
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         scheduler.set_timesteps(num_steps if sigmas is None else None, device="cpu", sigmas=sigmas, mu=mu)

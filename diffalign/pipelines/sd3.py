@@ -131,7 +131,9 @@ class SD3FlowModel(FlowModel):
         z = latents / vae.config.scaling_factor + vae.config.shift_factor
         return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0]
 
-    def _set_timesteps(self, scheduler, num_steps: int, height: int, width: int) -> None:
+    def _set_timesteps(
+        self, scheduler, num_steps: int, height: int, width: int, sigmas: list[float] | None = None
+    ) -> None:
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
             patch = self.transformer.config.patch_size
@@ -143,4 +145,6 @@ class SD3FlowModel(FlowModel):
                 scheduler.config.get("base_shift", 0.5),
                 scheduler.config.get("max_shift", 1.16),
             )
-        scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+        if sigmas is not None:
+            kwargs["sigmas"] = sigmas
+        scheduler.set_timesteps(None if sigmas is not None else num_steps, device="cpu", **kwargs)

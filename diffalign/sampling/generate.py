@@ -48,7 +48,7 @@ def generate(
     if not prompts:
         raise ValueError("no prompts given")
     shape = flow.latent_shape(cfg.height, cfg.width)
-    times = flow.time_grid(cfg.num_steps, cfg.height, cfg.width, shift=cfg.shift)
+    times = flow.time_grid(cfg.num_steps, cfg.height, cfg.width, shift=cfg.shift, sigmas=cfg.sigmas)
     scale = resolve_guidance_scale(flow, cfg)
     sde = None if cfg.sde == "ode" else SDE(kind=cfg.sde, noise_level=cfg.noise_level)
     images = []
