@@ -35,9 +35,7 @@ per epoch, LoRA r32/alpha64, lr 3e-4, EMA 0.9 every 8 steps.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,7 +48,6 @@ from diffalign.balance.wiring import RewardBalance
 from diffalign.config import ConfigError
 from diffalign.sampling.sampler import SDE, guided_velocity, sample, transition_log_prob, window
 from diffalign.sampling.steps import step as transition_step
-from diffalign.training.evaluation import plot_history
 from diffalign.training.finetuning import Finetuning, RunSection
 from diffalign.training.loop import TrainContext
 from diffalign.training.trainer import Batch, Trainer, check_finite, derive_layout, seeded
@@ -446,11 +443,7 @@ class FlowGRPOTrainer(Trainer):
 
     def finish(self) -> dict[str, Any]:
         """Plot the run's curves; the summary is the final evaluation (on the main process)."""
-        out = self.ctx.output_dir
-        if not self.ctx.accelerator.is_main_process:
-            return {}
-        plot_history(os.path.join(out, "history.jsonl"), os.path.join(out, "curves.png"))
-        with open(os.path.join(out, "eval_after.json")) as f:
-            summary = json.load(f)
-        log.info("final LoRA/weights: %s", self.ft.final_dir)
+        summary = self.ft.finish()
+        if summary:
+            log.info("final LoRA/weights: %s", self.ft.final_dir)
         return summary

@@ -53,9 +53,7 @@ brackets; where this toolkit's small world differs it says so:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,7 +65,6 @@ from diffalign.balance.balancer import BalanceConfig
 from diffalign.balance.wiring import RewardBalance
 from diffalign.config import ConfigError
 from diffalign.sampling.sampler import guided_velocity, sample
-from diffalign.training.evaluation import plot_history
 from diffalign.training.finetuning import Finetuning, RunSection
 from diffalign.training.loop import TrainContext
 from diffalign.training.trainer import Batch, Trainer, derive_layout, seeded
@@ -429,9 +426,4 @@ class NFTTrainer(Trainer):
         return self.ft.evaluator.run(epoch, tag)
 
     def finish(self) -> dict[str, Any]:
-        out = self.ctx.output_dir
-        if not self.ctx.accelerator.is_main_process:
-            return {}
-        plot_history(os.path.join(out, "history.jsonl"), os.path.join(out, "curves.png"))
-        with open(os.path.join(out, "eval_after.json")) as f:
-            return json.load(f)
+        return self.ft.finish()

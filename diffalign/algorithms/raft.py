@@ -27,9 +27,7 @@ steps per kept sample are the levers against it (measured in ``docs/world_provin
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,7 +40,6 @@ from torch import Tensor
 from diffalign.config import ConfigError
 from diffalign.sampling.generate import initial_noise, resolve_guidance_scale
 from diffalign.sampling.sampler import sample
-from diffalign.training.evaluation import plot_history
 from diffalign.training.finetuning import Finetuning, RunSection
 from diffalign.training.loop import TrainContext
 from diffalign.training.trainer import Batch, Trainer, check_finite, seeded
@@ -257,9 +254,4 @@ class RAFTTrainer(Trainer):
         return self.ft.evaluator.run(epoch, tag)
 
     def finish(self) -> dict[str, Any]:
-        out = self.ctx.output_dir
-        if not self.ctx.accelerator.is_main_process:
-            return {}
-        plot_history(os.path.join(out, "history.jsonl"), os.path.join(out, "curves.png"))
-        with open(os.path.join(out, "eval_after.json")) as f:
-            return json.load(f)
+        return self.ft.finish()

@@ -11,6 +11,7 @@ samples the held-out prompts with the EMA weights (see ``training.evaluation``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,7 +25,7 @@ from diffalign.config import ConfigError, ModelConfig, SamplingConfig, read_prom
 from diffalign.pipelines import FlowModel, load_model
 from diffalign.rewards import RewardConfig, RewardSet, build_reward_set
 from diffalign.training.ema import EMA
-from diffalign.training.evaluation import EvalPrompts, Evaluator, select_prompts
+from diffalign.training.evaluation import EvalPrompts, Evaluator, plot_history, select_prompts
 from diffalign.training.loop import TrainContext
 from diffalign.training.trainer import Cadence, TrainedModule
 
@@ -290,3 +291,13 @@ class Finetuning:
             self.flow.save_lora(directory, state_dict=state)
         else:
             self.flow.save_transformer(directory, state)
+
+    def finish(self) -> dict:
+        """End of a run: plot ``history.jsonl`` into ``curves.png`` and return the final evaluation
+        (``eval_after.json``) on the main process, ``{}`` on the others."""
+        out = self.cfg.output_dir
+        if not self.accelerator.is_main_process:
+            return {}
+        plot_history(os.path.join(out, "history.jsonl"), os.path.join(out, "curves.png"))
+        with open(os.path.join(out, "eval_after.json")) as f:
+            return json.load(f)
