@@ -125,10 +125,14 @@ def _check_student(model: Any, sampling: Any) -> None:
     record = read_student(model.lora)
     if record is None or sampling is None:
         return
-    if sampling.sigmas != record["sigmas"] or sampling.guidance_scale != record["guidance_scale"]:
-        log.warning("%s is a %d-step student; to sample it as trained, set sampling.num_steps=%d "
-                    "'sampling.sigmas=%s' sampling.guidance_scale=%s", model.lora, record["num_inference_steps"],
-                    record["num_inference_steps"], record["sigmas"], record["guidance_scale"])  # fmt: skip
+    trained = {"num_steps": record["num_inference_steps"], "sigmas": record["sigmas"],
+               "guidance_scale": record["guidance_scale"], "sde": record.get("sde", "ode")}  # fmt: skip
+    if trained["sde"] != "ode":
+        trained["noise_level"] = record["noise_level"]
+    if any(getattr(sampling, k) != v for k, v in trained.items()):
+        hint = " ".join(f"'sampling.{k}={v}'" if k == "sigmas" else f"sampling.{k}={v}" for k, v in trained.items())
+        log.warning("%s is a %d-step student; to sample it as trained, set %s", model.lora,
+                    record["num_inference_steps"], hint)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- commands

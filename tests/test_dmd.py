@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from diffalign.algorithms.dmd import FAKE, GENERATOR, DMDJob, DMDTrainer, read_student
@@ -16,7 +16,7 @@ from diffalign.config import ConfigError, load_config
 from diffalign.pipelines import load_flow_model
 from diffalign.pipelines.tiny import build_tiny
 from diffalign.release import release
-from diffalign.sampling.sampler import sample
+from diffalign.sampling.sampler import SDE, sample
 from diffalign.training.loop import TrainContext, run_training
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -170,12 +170,14 @@ def test_kill_and_resume_is_bit_identical_for_both_modules(tiny, tmp_path):
     assert _same(a, b)
 
 
-def test_the_exported_student_through_the_stock_pipeline_equals_our_sampler(tiny, tmp_path):
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_the_exported_student_through_the_stock_pipeline_equals_our_sampler(tiny, tmp_path, eta):
     out = tmp_path / "run"
-    run_training(_job(tiny, out, **{"train.epochs": 2, "train.checkpoint_every": 10}), DMDTrainer)
+    run_training(_job(tiny, out, **{"train.epochs": 2, "train.checkpoint_every": 10, "dmd.eta": eta}), DMDTrainer)
     record = read_student(out / "final")
     assert record["family"] == "sd3" and record["num_inference_steps"] == 4
     assert record["sigmas"] == [1.0, 0.75, 0.5, 0.25] and record["times"][-1] == 0.0
+    assert record["stochastic_sampling"] == (eta == 1) and record["sde"] == ("cps" if eta else "ode")
     lora = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())  # the student moved
 
@@ -183,23 +185,34 @@ def test_the_exported_student_through_the_stock_pipeline_equals_our_sampler(tiny
     noise = torch.randn(2, *student.latent_shape(32, 32), generator=torch.Generator().manual_seed(7))
     times = student.time_grid(4, 32, 32, sigmas=record["sigmas"])
     torch.testing.assert_close(times, torch.tensor(record["times"]))
-    with torch.no_grad():
-        ours = sample(student, student.encode_prompt(PROMPTS), times, x_init=noise).final
+    sde = SDE(kind="cps", noise_level=record["noise_level"]) if eta else None
+    with torch.no_grad():  # the stock scheduler draws its step noise from the global generator, in step order
+        ours = sample(student, student.encode_prompt(PROMPTS), times, x_init=noise, sde=sde,
+                      generator=torch.Generator().manual_seed(11)).final  # fmt: skip
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny / "sd3")
     pipe.load_lora_weights(str(out / "final"))
+    if eta:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out / "final"))
+        assert pipe.scheduler.config.stochastic_sampling
+    else:
+        assert not (out / "final" / "scheduler_config.json").exists()
+    torch.manual_seed(11)
     stock = pipe(prompt=PROMPTS, height=32, width=32, num_inference_steps=record["num_inference_steps"],
                  sigmas=record["sigmas"], guidance_scale=record["guidance_scale"], latents=noise.clone(),
                  max_sequence_length=16, output_type="latent").images  # fmt: skip
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
     base = load_flow_model("sd3", str(tiny / "sd3"), max_sequence_length=16)
     with torch.no_grad():
-        teacher = sample(base, base.encode_prompt(PROMPTS), times, x_init=noise).final
+        teacher = sample(base, base.encode_prompt(PROMPTS), times, x_init=noise, sde=sde,
+                         generator=torch.Generator().manual_seed(11)).final  # fmt: skip
     assert (teacher - ours).abs().max() > 1e-4
-    # the release's card calls the pipeline with the student's times and without CFG
-    card = (tmp_path / "release").joinpath("README.md")
+    # the release ships the student's scheduler, and its card calls the pipeline with the student's times and
+    # without CFG
     release(out, tmp_path / "release")
-    text = card.read_text()
+    text = (tmp_path / "release" / "README.md").read_text()
     assert f"sigmas={record['times'][:-1]!r}" in text and "guidance_scale=1.0" in text, text
+    shipped = json.loads((tmp_path / "release" / "scheduler" / "scheduler_config.json").read_text())
+    assert shipped.get("stochastic_sampling", False) == (eta == 1) and shipped["shift"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -211,6 +224,7 @@ def test_the_exported_student_through_the_stock_pipeline_equals_our_sampler(tiny
         ({"dmd.sigmas": "[1.5, 0.5, 0.0]"}, "dmd.sigmas.*in \\[0, 1\\]"),
         ({"dmd.sigmas": "[1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.0]"}, "dmd.sigmas.*fewer student steps"),
         ({"dmd.sigmas": "[1.0, 0.5, 0.4999, 0.0]"}, "dmd.sigmas.*1000-level"),
+        ({"dmd.eta": "0.5"}, "dmd.eta.*stock FlowMatchEulerDiscreteScheduler"),
         ({"model.family": "flux2"}, "model.family"),
         ({"lora.rank": 0}, "lora.rank"),
         ({"dmd.generator_every": 0}, "dmd.generator_every"),
@@ -238,7 +252,7 @@ def test_a_student_of_another_family_is_refused(tiny, tmp_path, caplog):
         preflight(sample_job, str(tmp_path / "out"), "--out")
     (folder / "student.json").write_text(json.dumps({**record, "family": "sd3"}))
     preflight(sample_job, str(tmp_path / "out"), "--out")  # the right family: sampled, with a hint
-    assert "sampling.sigmas=[1.0, 0.5]" in caplog.text
+    assert "'sampling.sigmas=[1.0, 0.5]'" in caplog.text and "sampling.sde=ode" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ learning

@@ -5,14 +5,14 @@ Three networks share one transformer:
 
 - the **teacher**: the base model with every adapter off (``flow.adapter(None)``), evaluated with CFG ``w``:
   ``v_real = v_u + w (v_c - v_u)``;
-- the **generator** G (the LoRA adapter ``default``, registered as ``policy``): a few-step Euler sampler on the
+- the **generator** G (the LoRA adapter ``default``, registered as ``policy``): a few-step sampler on the
   fixed time list ``sigmas`` (the checkpoint's scheduler shifts ``dmd.sigmas`` exactly as the stock pipeline
   shifts its ``sigmas`` argument), started from the teacher (its LoRA starts at zero), sampled without CFG;
 - the **fake score** F (the LoRA adapter ``fake_score``): tracks the distribution of G's samples, without CFG.
 
 Per epoch, on ``batch_size`` prompts per process (``collect``): pick the stop step ``k`` (``dmd.stop``:
-``random``, uniform over the ``K`` steps and the same on every process, or the ``last``), run G for ``k`` Euler
-steps from noise without gradient to the state ``x_k`` at ``s_k`` (backward simulation: G is trained on the
+``random``, uniform over the ``K`` steps and the same on every process, or the ``last``), run G for ``k`` steps
+of its sampler from noise without gradient to the state ``x_k`` at ``s_k`` (backward simulation: G is trained on the
 states its own sampler visits), and its clean estimate ``x = x_k - s_k v_G(x_k)``. The update then takes
 
 1. every ``generator_every``-th epoch, one **generator step** on the distribution-matching loss. With
@@ -41,9 +41,19 @@ Defaults, with the anchors' values (DMD2 ``main/train_sd.py``, ``experiments/*``
 ``generator_every`` 5 (DMD2 SDXL; 10 for SD1.5 and RTDMD); real CFG: the family's (SD3 4.5, RTDMD's SD3.5);
 DM times over indices [20, 980] of 1000 (both); F's times uniform over the same levels (DMD2; RTDMD
 logit-normal(0, 1)); one learning rate for both networks (both); LoRA on both (RTDMD r32/alpha64). DMD2's
-GAN term and regression warm-up are not implemented. The student samples with Euler steps (deterministic),
-so the stock ``FlowMatchEulerDiscreteScheduler`` reproduces it from the exported LoRA and sigmas; DMD2
-re-noises the clean estimate with fresh noise between steps instead.
+GAN term and regression warm-up are not implemented.
+
+**The student's sampler** (``dmd.eta``). Each step predicts the clean estimate ``x0_hat = x_i - s_i v_G(x_i)``
+and moves to the next time with the CPS step ``x_{i+1} = (1 - s_{i+1}) x0_hat + s_{i+1} (cos(eta pi/2) eps_hat
++ sin(eta pi/2) z)``, ``z`` fresh noise. ``eta = 1`` (the default, DMD2's multi-step rule) re-noises ``x0_hat``:
+``x_{i+1}`` is then exactly a sample of the flow's marginal at ``s_{i+1}`` *of G's own output distribution*,
+which is what the loss trains every step's ``x0_hat`` to match to the teacher's data distribution, so training
+and sampling agree. ``eta = 0`` is Euler: the next state reuses the noise ``eps_hat`` implied by ``x0_hat``,
+which is consistent only while ``x0_hat`` is the posterior mean (the teacher's blurry early estimates); once
+DMD makes the early estimates sharp samples, Euler's implied noise is no longer Gaussian and the next state
+leaves the marginal the next step was trained on (on the world base the student then gets worse with
+training, ``docs/dmd.md``). The stock ``FlowMatchEulerDiscreteScheduler`` samples both: ``eta = 0`` as it is,
+``eta = 1`` with ``stochastic_sampling=True`` (written to the export's ``scheduler_config.json``).
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ from diffalign.algorithms.flow_matching import PromptCache
 from diffalign.config import ConfigError, SamplingConfig, check_sigmas
 from diffalign.release import SIGMAS_FILE, STUDENT_FILE
 from diffalign.sampling.sampler import guided_velocity
+from diffalign.sampling.steps import cps_step
 from diffalign.training.evaluation import Evaluator, plot_history
 from diffalign.training.finetuning import Finetuning, RunSection
 from diffalign.training.loop import TrainContext
@@ -100,6 +111,8 @@ class DMDConfig:
             ``dm_time_range`` of the training schedule (where the distribution-matching loss evaluates it; DMD2
             draws both uniformly) or ``logit_normal`` (RTDMD).
         fake_logit_mean, fake_logit_std: that logit-normal's location and scale.
+        eta: the student sampler's noise (module docstring): 1 re-noises every clean estimate (DMD2), 0 is Euler.
+            Only these two have a stock diffusers scheduler, so the exported student samples as trained.
     """
 
     sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])
@@ -113,9 +126,13 @@ class DMDConfig:
     fake_time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     fake_logit_mean: float = 0.0
     fake_logit_std: float = 1.0
+    eta: float = 1.0
 
     def __post_init__(self) -> None:
         check_sigmas(self.sigmas, "dmd.sigmas", final_zero=True)
+        if self.eta not in (0, 1):
+            raise ConfigError(f"config key 'dmd.eta': 1 (re-noise every clean estimate, DMD2) or 0 (Euler), the two "
+                              f"samplers the stock FlowMatchEulerDiscreteScheduler has; got {self.eta}")  # fmt: skip
         for key in ("generator_every", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'dmd.{key}': must be >= 1, got {getattr(self, key)}")
@@ -164,10 +181,12 @@ class DMDJob(RunSection):
             check_student_family(self.model.lora, self.model.family, "model.lora")
 
 
-def student_sampling(sampling: SamplingConfig, sigmas: list[float]) -> SamplingConfig:
-    """The student's sampler: Euler on ``sigmas`` (ending in 0), no CFG, at ``sampling``'s size."""
+def student_sampling(sampling: SamplingConfig, sigmas: list[float], eta: float) -> SamplingConfig:
+    """The student's sampler on ``sigmas`` (ending in 0), no CFG, at ``sampling``'s size: CPS steps with noise
+    ``eta`` (1: DMD2's re-noising of each clean estimate; 0: Euler)."""
+    sde = {"sde": "cps", "noise_level": float(eta)} if eta > 0 else {"sde": "ode"}
     return replace(sampling, num_steps=len(sigmas) - 1, sigmas=list(sigmas[:-1]), shift=None, guidance_scale=1.0,
-                   sde="ode")  # fmt: skip
+                   **sde)  # fmt: skip
 
 
 def read_student(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -185,6 +204,18 @@ def check_student_family(folder: str | os.PathLike, family: str, key: str) -> No
     if record is not None and record["family"] != family:
         raise ConfigError(f"config key '{key}': {os.fspath(folder)!r} is a student of a {record['family']!r} teacher, "
                           f"but model.family is {family!r}")  # fmt: skip
+
+
+def normalised_dm_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]:
+    """DMD's normalised distribution-matching direction at clean samples ``x`` ``(B, ...)``, from the teacher's and
+    the fake score's clean estimates at the same re-noised state: ``g = (x0_fake - x0_real) / mean |x - x0_real|``
+    (per sample, over every non-batch dim; NaN -> 0) in float64, and that normaliser ``(B,)``. The loss
+    ``1/2 mean (x - sg[x - g])^2`` then has gradient ``g / numel`` with respect to ``x``."""
+    x, x0_real, x0_fake = x.double(), x0_real.double(), x0_fake.double()
+    dims = tuple(range(1, x.ndim))
+    scale = (x - x0_real).abs().mean(dim=dims)
+    g = torch.nan_to_num((x0_fake - x0_real) / scale.view(-1, *([1] * len(dims))))
+    return g, scale
 
 
 @dataclass(kw_only=True)
@@ -239,7 +270,7 @@ class DMDTrainer(Trainer):
 
         s = job.sampling
         self.shape = flow.latent_shape(s.height, s.width)
-        self.student = student_sampling(s, self.cfg.sigmas)
+        self.student = student_sampling(s, self.cfg.sigmas, self.cfg.eta)
         self.times = flow.time_grid(self.student.num_steps, s.height, s.width, sigmas=self.student.sigmas)
         scale = self.cfg.real_guidance_scale
         self.real_scale = scale if scale is not None else (1.0 if flow.has_guidance_embedding
@@ -266,7 +297,9 @@ class DMDTrainer(Trainer):
         x = torch.randn((n, *self.shape), generator=gen).to(device)
         with ctx.accelerator.autocast(), flow.adapter(GENERATOR):
             for i in range(stop):
-                x = x + float(self.times[i + 1] - self.times[i]) * flow.velocity(x, float(self.times[i]), cond)
+                t, t_next = float(self.times[i]), float(self.times[i + 1])
+                z = torch.randn(x.shape, generator=gen).to(device)
+                x = cps_step(x, flow.velocity(x, t, cond), t, t_next, noise_level=cfg.eta, noise=z).x_next
             x0 = x - float(self.times[stop]) * flow.velocity(x, float(self.times[stop]), cond)
         dm_t = self.dm_levels[torch.randint(len(self.dm_levels), (n,), generator=gen)]
         dm_noise = torch.randn((n, *self.shape), generator=gen)
@@ -320,12 +353,8 @@ class DMDTrainer(Trainer):
                                      guidance=self.cfg.real_guidance)  # fmt: skip
         with flow.adapter(FAKE):
             v_fake = flow.velocity(x_t, t, cond)
-        x, tt = x.double(), tt.double()
-        x0_real = x_t.double() - tt * v_real.double()
-        x0_fake = x_t.double() - tt * v_fake.double()
-        scale = (x - x0_real).abs().mean(dim=(1, 2, 3))
-        g = torch.nan_to_num((x0_fake - x0_real) / scale.view(-1, 1, 1, 1))
-        return g, scale
+        tt = tt.double()
+        return normalised_dm_direction(x, x_t.double() - tt * v_real.double(), x_t.double() - tt * v_fake.double())
 
     def fake_loss(self, batch: DMDBatch) -> dict[str, Tensor]:
         """``loss_fake``: flow matching of F on G's detached clean samples."""
@@ -339,12 +368,20 @@ class DMDTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------- export
     def _export(self, directory: str, state: dict[str, Tensor]) -> None:
         """The student as a diffusers LoRA, with ``student.json`` (how to call the stock pipeline of the base on
-        it: ``num_inference_steps``, ``sigmas``, ``guidance_scale``; its family and shifted ``times``) and
-        ``sigmas.json`` (the shifted times without the final 0, what ``diffalign release`` builds the student's
-        scheduler from)."""
+        it: ``num_inference_steps``, ``sigmas``, ``guidance_scale``, ``stochastic_sampling``; diffalign's
+        ``sampling.sde`` / ``noise_level``; its family and shifted ``times``), ``sigmas.json`` (the shifted times
+        without the final 0, what ``diffalign release`` builds the student's scheduler from) and, for a
+        re-noising student (``eta = 1``), ``scheduler_config.json``: the base's scheduler with
+        ``stochastic_sampling=True``, to load with ``from_pretrained(final)`` in place of the pipeline's."""
         self.flow.save_lora(directory, adapter_name=GENERATOR, state_dict=state)
+        renoise = self.cfg.eta == 1
         record = {"family": self.flow.family, "num_inference_steps": self.student.num_steps,
-                  "sigmas": self.student.sigmas, "guidance_scale": 1.0, "times": self.times.tolist()}  # fmt: skip
+                  "sigmas": self.student.sigmas, "guidance_scale": 1.0, "stochastic_sampling": renoise,
+                  "sde": self.student.sde, "noise_level": self.student.noise_level,
+                  "times": self.times.tolist()}  # fmt: skip
+        if renoise:
+            scheduler = self.flow.pipe.scheduler
+            type(scheduler).from_config(scheduler.config, stochastic_sampling=True).save_config(directory)
         with open(os.path.join(directory, STUDENT_FILE), "w") as f:
             json.dump(record, f, indent=1)
         with open(os.path.join(directory, SIGMAS_FILE), "w") as f:
