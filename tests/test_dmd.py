@@ -257,21 +257,23 @@ def test_a_student_of_another_family_is_refused(tiny, tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------------ learning
 @pytest.mark.slow
-def test_the_generator_update_distils_cfg_into_the_4_step_student(tmp_path):
-    """With the fake score held at the teacher, the DM gradient is the CFG difference ``x0_cond - x0_cfg``: 40
-    generator steps lift the 4-step student without CFG on held-out world prompts (docs/dmd.md, run D). DMD
-    proper (F trained) does not learn at this budget, so this checks the generator's half of the algorithm."""
+def test_dmd2_lifts_the_4_step_student_on_held_out_world_prompts(tmp_path):
+    """DMD2 proper (the fake score trained on the student's samples, 5 of its steps per generator step, the
+    re-noising student): 150 epochs (30 generator steps) raise the 4-step student's partial credit and strict
+    accuracy on held-out world prompts (docs/dmd.md: at full length it reaches the 20-step CFG teacher)."""
     data = {
         "output_dir": str(tmp_path / "run"), "seed": 0,
         "model": {"family": "sd3", "path": "builtin:world-sd3", "max_sequence_length": 16},
         "lora": {"rank": 16, "alpha": 32},
         "eval_sets": {"test": {"prompts": "world:test", "max_prompts": 24, "images_per_prompt": 4}},
         "rewards": [{"name": "world"}],
-        "train": {"epochs": 40, "lr": 2e-4, "ema_decay": 0.0, "eval_every": 40, "checkpoint_every": 40},
+        "train": {"epochs": 150, "lr": 2e-4, "weight_decay": 0.01, "grad_clip": 10.0, "ema_decay": 0.9,
+                  "ema_every": 1, "eval_every": 150, "checkpoint_every": 150},
         "sampling": {"num_steps": 8, "height": 64, "width": 64, "guidance_scale": 3.0},
-        "dmd": {"generator_every": 1, "batch_size": 16, "real_guidance_scale": 3.0, "fake_lr": 1e-12},
+        "dmd": {"generator_every": 5, "batch_size": 16, "real_guidance_scale": 3.0},
     }  # fmt: skip
     summary = run_training(load_config(DMDJob, data), DMDTrainer)
-    before = json.loads((tmp_path / "run" / "eval_before.json").read_text())["test/world/partial"]
-    after = summary["student"]["test/world/partial"]
-    assert after > before + 0.03, (before, after, summary["teacher_naive"]["test/world/partial"])
+    before = json.loads((tmp_path / "run" / "eval_before.json").read_text())
+    after = summary["student"]
+    assert after["test/world/partial"] > before["test/world/partial"] + 0.05, (before, after)
+    assert after["test/world/overall"] > before["test/world/overall"], (before, after)

@@ -158,6 +158,7 @@ class Evaluator:
         summary["world/image_accuracy_ci_lo"], summary["world/image_accuracy_ci_hi"] = world["image_accuracy_ci95"]
         summary["world/graded"] = world["mean_graded"]
         summary["world/partial"] = world["mean_score"]
+        summary["world/partial_ci_lo"], summary["world/partial_ci_hi"] = world["mean_score_ci95"]
         for cat, row in world["per_category"].items():
             summary[f"world/{cat}"] = row["accuracy"]
         return summary, [v.correct for v in verdicts]

@@ -522,7 +522,8 @@ def summarize(prompts: Sequence[PromptSpec | str], verdicts: Sequence[Verdict]) 
     Returns:
         Dict with ``overall`` (mean of the per-category accuracies, GenEval's headline number) and its
         ``overall_ci95``, ``image_accuracy`` (fraction of correct images) and its ``image_accuracy_ci95`` (Wilson),
-        ``mean_score`` (partial credit), ``mean_graded`` (graded credit, when the verdicts carry it), ``n``
+        ``mean_score`` (partial credit) and its ``mean_score_ci95`` (normal, the images as independent draws),
+        ``mean_graded`` (graded credit, when the verdicts carry it), ``n``
         (number of images) and
         ``per_category``: category -> ``{"accuracy", "ci95", "mean_score", "n"}`` (categories that occur, in
         :data:`~diffalign.world.prompts.CATEGORIES` order).
@@ -545,12 +546,15 @@ def summarize(prompts: Sequence[PromptSpec | str], verdicts: Sequence[Verdict]) 
             }
     correct = sum(v.correct for v in verdicts)
     graded = [v.graded for v in verdicts]
+    scores = np.array([v.score for v in verdicts], dtype=float)
+    half = 1.96 * scores.std(ddof=1) / np.sqrt(len(scores)) if len(scores) > 1 else float("nan")
     return {
         "overall": float(np.mean([d["accuracy"] for d in per.values()])),
         "overall_ci95": list(_overall_interval(per)),
         "image_accuracy": correct / len(verdicts),
         "image_accuracy_ci95": list(accuracy_interval(correct, len(verdicts))),
-        "mean_score": float(np.mean([v.score for v in verdicts])),
+        "mean_score": float(scores.mean()),
+        "mean_score_ci95": [float(scores.mean() - half), float(scores.mean() + half)],
         "n": len(verdicts),
         "per_category": per,
         **({"mean_graded": float(np.mean(graded))} if None not in graded else {}),
