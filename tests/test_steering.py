@@ -491,3 +491,45 @@ def test_world_benchmark_best_of_n_curve_is_the_mean_over_all_subsets():
         assert curve[n - 1][1] == pytest.approx(sum(correct[k] for k in best) / len(subsets))
     assert all(b[0] >= a[0] - 1e-12 for a, b in zip(curve, curve[1:], strict=False))  # monotone up to rounding
     assert curve[-1][0] == pytest.approx(1.0)
+
+
+def test_steering_follows_a_given_time_grid_in_the_pipeline_and_the_cli(sd3, tmp_path, monkeypatch):
+    """``sigmas`` (a few-step student's step times) set the steering problem's grid: one best-of-1 sample is the
+    plain sample on that grid, and ``diffalign steer`` passes ``sampling.sigmas`` through."""
+    import yaml
+
+    from diffalign.cli import main
+
+    sigmas = [1.0, 0.5]
+    pipe = SteeringPipeline(sd3)
+    out = pipe(prompt="a red circle", reward=lambda images, prompts: images.flatten(1).mean(1), method="best_of_n",
+               budget=2 * 2, num_inference_steps=2, height=32, width=32, guidance_scale=2.0, sigmas=sigmas,
+               generator=torch.Generator().manual_seed(4), progress=False)  # fmt: skip
+    problem = pipe.problem("a red circle", _mean_latent, num_inference_steps=2, height=32, width=32,
+                           guidance_scale=2.0, sde=SDE(), inverse_temperature=1.0, sigmas=sigmas)  # fmt: skip
+    assert torch.equal(problem.times, sd3.time_grid(2, 32, 32, sigmas=sigmas))
+    assert not torch.equal(problem.times, sd3.time_grid(2, 32, 32))
+    assert torch.equal(out.results[0].latents, _plain(problem, 1, 4))
+
+    grids = []
+    real_problem = SteeringPipeline.problem
+
+    def recording_problem(self, *args, **kwargs):
+        made = real_problem(self, *args, **kwargs)
+        grids.append(made.times)
+        return made
+
+    monkeypatch.setattr(SteeringPipeline, "problem", recording_problem)
+    model = tmp_path / "tiny-sd3"
+    build_tiny("sd3").save_pretrained(model)
+    config = tmp_path / "steer.yaml"
+    config.write_text(yaml.safe_dump({
+        "kind": "steer", "model": {"family": "sd3", "path": str(model)}, "method": "best_of_n", "budget": 8,
+        "sampling": {"num_steps": 2, "sigmas": sigmas, "height": 32, "width": 32, "guidance_scale": 2.0,
+                     "sde": "flow_sde"},
+        "rewards": [{"name": "tests.reward_fixtures:Redness"}],
+    }))  # fmt: skip
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["steer", str(config), "--prompts", str(prompts), "--out", str(tmp_path / "out")]) == 0
+    assert len(grids) == 1 and torch.allclose(grids[0], sd3.time_grid(2, 32, 32, sigmas=sigmas))

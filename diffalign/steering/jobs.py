@@ -36,6 +36,8 @@ class SteerJob:
     """Steering of a prompt file.
 
     Attributes:
+        sampling: the sampler steering runs on: ``num_steps``, size, ``guidance_scale``, the stochastic step
+            (``sde``, ``noise_level``) and the time grid (``shift`` or ``sigmas``, e.g. a few-step student's).
         method: ``dts``, ``dts_star``, ``doob``, ``smc`` or ``best_of_n``.
         budget: NFE per prompt (a CFG step costs 2 per particle), a whole number (``800`` or ``800.0``).
         inverse_temperature: ``lam > 0`` in ``p(x) exp(lam r(x))``.
@@ -115,6 +117,8 @@ def run_steer(job: SteerJob, prompts: list[str], out: str) -> dict[str, Any]:
             inverse_temperature=job.inverse_temperature,
             sde=sde.kind,
             noise_level=sde.noise_level,
+            shift=job.sampling.shift,
+            sigmas=job.sampling.sigmas,
             generator=generator,
             method_kwargs=job.method_args.get(job.method, {}),
             progress=False,

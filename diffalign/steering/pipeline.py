@@ -73,13 +73,16 @@ class SteeringPipeline:
         guidance_scale: float,
         sde: SDE,
         inverse_temperature: float,
+        shift: float | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> SteeringProblem:
-        """The ``SteeringProblem`` of one prompt (for the function API: ``steer(problem, ...)``)."""
+        """The ``SteeringProblem`` of one prompt (for the function API: ``steer(problem, ...)``); ``shift`` and
+        ``sigmas`` choose the time grid as ``FlowModel.time_grid`` does (default the checkpoint's own)."""
         flow = self.flow
         return SteeringProblem(
             flow=flow,
             cond=flow.encode_prompt([prompt]),
-            times=flow.time_grid(num_inference_steps, height, width),
+            times=flow.time_grid(num_inference_steps, height, width, shift=shift, sigmas=sigmas),
             shape=flow.latent_shape(height, width),
             reward=image_reward(flow, reward, prompt),
             sde=sde,
@@ -103,6 +106,8 @@ class SteeringPipeline:
         inverse_temperature: float = 1.0,
         sde: str = "flow_sde",
         noise_level: float = 0.7,
+        shift: float | None = None,
+        sigmas: Sequence[float] | None = None,
         generator: torch.Generator | None = None,
         method_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
@@ -118,6 +123,8 @@ class SteeringPipeline:
             guidance_scale: CFG scale (None: the family default).
             inverse_temperature: ``lam`` in ``exp(lam r)``.
             sde, noise_level: the stochastic step steering runs on (``flow_sde``, ``cps``, ``dance``).
+            shift, sigmas: the time grid (``FlowModel.time_grid``): a static shift, or ``num_inference_steps``
+                step times in (0, 1] such as a few-step student's (default: the checkpoint's own schedule).
             generator: noise source (default: seed 0).
             method_kwargs: extra arguments of the method (e.g. ``{"c_uct": 0.5}``).
         """
@@ -140,7 +147,8 @@ class SteeringPipeline:
         for text in prompts:
             problem = self.problem(text, reward, num_inference_steps=num_inference_steps, height=height, width=width,
                                    guidance_scale=guidance_scale, sde=SDE(kind=sde, noise_level=noise_level),
-                                   inverse_temperature=inverse_temperature)  # fmt: skip
+                                   inverse_temperature=inverse_temperature, shift=shift,
+                                   sigmas=sigmas)  # fmt: skip
             result = steer(problem, method, budget, generator=generator, progress=progress, **kwargs)
             keep = torch.argsort(result.rewards, descending=True)[:num_images_per_prompt]
             pixels = self.flow.decode_latents(result.latents[keep.to(result.latents.device)])
