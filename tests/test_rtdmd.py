@@ -414,7 +414,8 @@ def test_the_export_records_cps_and_the_stock_scheduler_reproduces_cps_at_eta_1(
     pipe.load_lora_weights(str(cold_run / "final"))
     torch.manual_seed(11)
     stock = pipe(prompt=PROMPTS, height=32, width=32, num_inference_steps=4, sigmas=record["sigmas"],
-                 guidance_scale=1.0, latents=noise.clone(), max_sequence_length=16, output_type="latent").images  # fmt: skip
+                 guidance_scale=1.0, latents=noise.clone(), max_sequence_length=16,
+                 output_type="latent").images  # fmt: skip
     torch.testing.assert_close(x, stock, rtol=1e-4, atol=1e-5)
 
 
