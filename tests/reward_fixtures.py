@@ -63,3 +63,10 @@ class Blueness(Reward):
 
     def score(self, images, prompts, **meta):
         return (images[:, 2] - images[:, 0]).mean(dim=(1, 2))
+
+
+class DifferentiableRedness(Redness):
+    """``Redness`` declared differentiable: gradients reach the images (reward back-propagation tests)."""
+
+    name = "differentiable_redness"
+    differentiable = True
