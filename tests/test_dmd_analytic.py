@@ -38,24 +38,26 @@ def distance(x, data):
     return energy_distance(x.reshape(x.shape[0], -1), data)
 
 
-@pytest.mark.parametrize("sigmas", [[1.0, 0.0], FOUR_STEPS], ids=["1-step", "4-step"])
-def test_dmd_student_matches_the_data_and_beats_naive_euler(setting, sigmas):
+@pytest.mark.parametrize(("sigmas", "bound"), [([1.0, 0.0], 0.02), (FOUR_STEPS, 0.01)], ids=["1-step", "4-step"])
+def test_dmd_student_matches_the_data_and_beats_naive_euler(setting, sigmas, bound):
     mixture, data, init = setting
     ev = torch.Generator().manual_seed(7)
     floor = distance(mixture.sample(N, ev), data)
     teacher_40 = distance(euler_samples(mixture, 40, N, ev), data)
-    teacher_naive = distance(euler_samples(mixture, len(sigmas) - 1, N, ev), data)
+    teacher_4 = distance(euler_samples(mixture, 4, N, ev), data)
+    teacher_same = distance(euler_samples(mixture, len(sigmas) - 1, N, ev), data)
     before = distance(student_samples(init, sigmas, N, 2, ev), data)
 
-    student, curves = train_student(mixture, AnalyticDMDConfig(sigmas=sigmas, generator_steps=200), init)
+    student, curves = train_student(mixture, AnalyticDMDConfig(sigmas=sigmas), init)
     after = distance(student_samples(student, sigmas, N, 2, ev), data)
 
     assert abs(floor) < 3e-3 and abs(teacher_40) < 3e-3  # the exact teacher's ODE is at the sampling floor
-    assert after < 0.015, (after, before)
-    assert after <= teacher_40 + 0.015
-    assert teacher_naive > after + 0.02  # the teacher's naive few-step Euler is measurably worse
-    assert before > after + 0.02  # and DMD, not the teacher fit, closed the gap
-    assert len(curves["fake"]) == 5 * len(curves["dm"]) == 5 * 200
+    assert after < bound, (after, before)
+    assert after <= teacher_40 + bound
+    # the teacher's naive Euler at the student's step count, and at 4 steps, is measurably worse
+    assert teacher_same > after + 0.02 and teacher_4 > after + 0.015, (teacher_same, teacher_4, after)
+    assert before > after + 0.02  # DMD, not the teacher fit, closed the gap
+    assert len(curves["fake"]) == 5 * len(curves["dm"]) == 5 * 400
 
 
 def test_bad_config_names_the_key():

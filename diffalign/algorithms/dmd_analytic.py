@@ -93,7 +93,7 @@ class AnalyticDMDConfig:
     sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])
     init_steps: int = 1500
     init_lr: float = 2e-3
-    generator_steps: int = 300
+    generator_steps: int = 400
     fake_steps: int = 5
     batch_size: int = 256
     lr: float = 3e-4
@@ -121,7 +121,9 @@ def fit_teacher(
     """An MLP regressed on the exact teacher velocity at ``x_t`` of data draws, ``t ~ U(0, 1)``, and its loss
     curve (mean squared error per coordinate, one value per step)."""
     teacher = GaussianMixtureFlow(mixture)
-    net = VelocityMLP(mixture.dim, cfg.hidden, cfg.depth)
+    with torch.random.fork_rng():  # the initial weights from cfg.seed, leaving the global generator alone
+        torch.manual_seed(cfg.seed)
+        net = VelocityMLP(mixture.dim, cfg.hidden, cfg.depth)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.init_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.init_steps)
     losses = []
@@ -129,7 +131,7 @@ def fit_teacher(
         x0 = mixture.sample(cfg.batch_size, generator).view(cfg.batch_size, -1, 1, 1)
         t = torch.rand(cfg.batch_size, generator=generator)
         x_t = _renoise(x0, t, torch.randn(x0.shape, generator=generator))
-        loss = (net(x_t, t) - teacher.velocity(x_t, t, None)).square().mean()
+        loss = (net(x_t, t) - teacher.velocity(x_t, t, teacher.cond(cfg.batch_size))).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -181,7 +183,6 @@ def train_student(
     """DMD2 from ``init`` (``fit_teacher``'s network when None, also F's start); returns G and the loss curves
     (``dm``: the generator loss ``1/2 mean g^2`` per update; ``fake``: F's flow-matching loss per update)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     if init is None:
         init, _ = fit_teacher(mixture, cfg, gen)
     teacher = GaussianMixtureFlow(mixture)
@@ -191,6 +192,7 @@ def train_student(
     lo, hi = cfg.dm_time_range
     b, dim, num_steps = cfg.batch_size, mixture.dim, len(cfg.sigmas) - 1
     curves: dict[str, list[float]] = {"dm": [], "fake": []}
+    cond = teacher.cond(b)
 
     def stop_step() -> int:
         return int(torch.randint(num_steps, (), generator=gen)) if cfg.stop == "random" else num_steps - 1
@@ -216,7 +218,7 @@ def train_student(
         with torch.no_grad():
             x_t = _renoise(x, t, eps)
             tt = t.view(-1, 1, 1, 1)
-            x0_real = x_t - tt * teacher.velocity(x_t, t, None)
+            x0_real = x_t - tt * teacher.velocity(x_t, t, cond)
             x0_fake = x_t - tt * fake(x_t, t)
         g, _ = normalised_dm_direction(x, x0_real, x0_fake)
         loss_g = 0.5 * (x - (x - g.float()).detach()).square().mean()
