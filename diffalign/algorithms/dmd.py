@@ -374,7 +374,7 @@ class DMDTrainer(Trainer):
         re-noising student (``eta = 1``), ``scheduler_config.json``: the base's scheduler with
         ``stochastic_sampling=True``, to load with ``from_pretrained(final)`` in place of the pipeline's."""
         self.flow.save_lora(directory, adapter_name=GENERATOR, state_dict=state)
-        renoise = self.cfg.eta == 1
+        renoise = self.student.sde == "cps" and self.student.noise_level == 1
         record = {"family": self.flow.family, "num_inference_steps": self.student.num_steps,
                   "sigmas": self.student.sigmas, "guidance_scale": 1.0, "stochastic_sampling": renoise,
                   "sde": self.student.sde, "noise_level": self.student.noise_level,

@@ -411,7 +411,7 @@ class RTDMDTrainer(DMDTrainer):
         job: RTDMDJob = ctx.cfg
         self.rt: RTDMDConfig = job.rtdmd
         self.rl = self.rt.stage == "rl"
-        self.student = replace(student_sampling(job.sampling, self.cfg.sigmas), sde="cps", noise_level=self.rt.eta)
+        self.student = student_sampling(job.sampling, self.cfg.sigmas, self.rt.eta)
         hi = self.rt.renoise_clamp[1]
         if float(self.times[-2]) + self.rt.renoise_margin >= hi:
             raise ConfigError(f"config key 'dmd.sigmas': the shifted boundary {float(self.times[-2]):.3f} leaves no "
@@ -739,13 +739,12 @@ class RTDMDTrainer(DMDTrainer):
         path = os.path.join(directory, STUDENT_FILE)
         with open(path) as f:
             record = json.load(f)
-        record.update({
-            "sampler": "cps", "eta": self.rt.eta,
-            "stock_scheduler": "FlowMatchEulerDiscreteScheduler samples CPS only at eta = 1 "
-                               "(stochastic_sampling=True); at this eta the student needs a CPS scheduler "
-                               "(diffalign: sampling.sde=cps, sampling.noise_level=eta); plain Euler is the "
-                               "eta = 0 approximation",
-        })  # fmt: skip
+        record.update({"sampler": "cps", "eta": self.rt.eta})
+        if self.rt.eta != 1:  # at eta 1 DMD's export ships the stock stochastic scheduler
+            record["stock_scheduler"] = ("FlowMatchEulerDiscreteScheduler samples CPS only at eta = 1 "
+                                         "(stochastic_sampling=True); at this eta the student needs a CPS scheduler "
+                                         "(diffalign: sampling.sde=cps, sampling.noise_level=eta); plain Euler is "
+                                         "the eta = 0 approximation")  # fmt: skip
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
 
