@@ -13,7 +13,7 @@ warm-up; the fastest is the steadier figure on a shared machine):
   beyond);
 - the mean micro-step over ``--every`` optimizer steps of ``--micro`` micro-steps when one of them is a solve.
 
-    taskset -c 1 python benchmarks/balance_step.py [--batch 32] [--rewards 3] [--repeats 7] [--every 10] [--micro 2]
+    taskset -c 1 python benchmarks/balance_step.py [--batch 32] [--rewards 3] [--repeats 21] [--every 10] [--micro 2]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32, help="transitions per micro-step (world: 32)")
     parser.add_argument("--rewards", type=int, default=3, help="K rewards balanced")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=21, help="21: steady medians on a shared core")
     parser.add_argument("--every", type=int, default=10, help="a full solve every this many optimizer steps")
     parser.add_argument("--micro", type=int, default=2, help="micro-steps per optimizer step (world: 2)")
     parser.add_argument("--threads", type=int, default=1)

@@ -245,6 +245,28 @@ def test_ema_stays_on_the_simplex_and_rho_zero_is_the_raw_solve():
             previous = alpha
 
 
+def test_amortising_the_coefficients_reproduces_the_solve_and_the_weights_do_not_when_norms_differ():
+    x, target, advantages = _batch()
+    advantages[:, 0] *= 20  # reward a's gradient is far larger than the others'
+    directions = {}
+    for amortise in ("weights", "coefficients"):
+        model = _model()
+        params = list(model.parameters())
+        balancer = GradientBalancer(BalanceConfig(method="marble", ema=0.0, amortise=amortise), ["a", "b", "c"],
+                                    params)  # fmt: skip
+        balancer.solve(_losses(model, x, target, advantages)[0], optimizer_step=0)
+        solved = _grads(model).clone()
+        model.zero_grad()
+        balancer.amortised_loss(_losses(model, x, target, advantages)[0]).backward()
+        directions[amortise] = (solved, _grads(model).clone())
+    solved, amortised = directions["coefficients"]
+    torch.testing.assert_close(amortised, solved)
+    solved, amortised = directions["weights"]
+    assert float(torch.nn.functional.cosine_similarity(amortised, solved, dim=0)) < 0.99
+    with pytest.raises(ConfigError, match="balance.amortise"):
+        BalanceConfig(amortise="raw")
+
+
 def test_due_follows_the_schedule_and_the_state_round_trips():
     model = _model()
     x, target, advantages = _batch()

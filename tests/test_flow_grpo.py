@@ -379,3 +379,22 @@ def test_marble_through_flow_grpo(tiny_models, tmp_path):
     assert metrics["balance/excluded"] == 0 and 0 < metrics["balance/alpha/CircleRedness"] < 1
     assert {"balance/weight/Redness", "balance/alpha/CircleRedness", "reward/CircleRedness/applies"} <= set(
         metrics) | set(batch.metrics)  # fmt: skip
+
+
+def test_reward_interval_is_clustered_by_prompt_and_skips_abstentions():
+    from diffalign.training.evaluation import prompt_mean_interval
+
+    prompts = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    values = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, float("nan"), float("nan")])
+    lo, hi = prompt_mean_interval(values, prompts)
+    sums, counts = np.array([4.0, 0.0, 1.0]), np.array([4.0, 4.0, 2.0])
+    mean = 5 / 10
+    se = np.sqrt(((sums - counts * mean) ** 2).sum() / 6) / counts.mean()
+    assert lo == pytest.approx(mean - 1.96 * se) and hi == pytest.approx(mean + 1.96 * se)
+    # identical images within a prompt carry no more information than one: the interval does not shrink with them
+    one = prompt_mean_interval(torch.tensor([1.0, 0.0, 1.0]), ["a", "b", "c"])
+    four = prompt_mean_interval(
+        torch.tensor([1.0, 0.0, 1.0]).repeat_interleave(4), [p for p in "abc" for _ in range(4)]
+    )
+    assert four == pytest.approx(one)
+    assert all(v != v for v in prompt_mean_interval(torch.tensor([1.0, float("nan")]), ["a", "b"]))

@@ -20,7 +20,10 @@ Between solves (a solve every ``every`` optimizer steps) an **amortised** micro-
 ``amortised_loss = sum_k alpha_k L_k``, whose gradient is exactly ``sum_k alpha_k g_k``; for a loss that is affine in
 the advantage (DiffusionNFT without clipping) that equals the loss of ``combined_advantages = sum_k alpha_k A_k``.
 This combines the *raw* gradients with the weights found for the *unit* ones, so it matches the solve's direction
-only when the gradient norms are equal, and its cosine guarantee holds only approximately (as in MARBLE). With one
+only when the gradient norms are equal, and its cosine guarantee holds only approximately (as in MARBLE). With
+``amortise: coefficients`` the EMA is taken over the solve's coefficients ``c_k = w_k mean(n) / n_k`` instead, so
+that an amortised step on the solve's own batch reproduces its update ``u`` exactly; rewards whose raw gradients are
+small (a dense reward against sparse specialists) then keep their share between solves. With one
 valid reward on a solve step, the update is that reward's raw gradient; with every gradient zero, only ``g_R``.
 
 Distributed (through the ``Accelerator`` the balancer is given; never ``torch.distributed`` directly):
@@ -72,11 +75,15 @@ class BalanceConfig:
         every: a full solve (``marble``) or a gradient-conflict measurement (``sum``, ``gdpo``) every this many
             optimizer steps [10, MARBLE].
         ema: the decay rho of the EMA of the QP weights used between solves; 0 uses the last solve's [0.7, MARBLE].
+        amortise: what that EMA averages: ``weights``, the QP weights ``w`` of the unit gradients applied to the raw
+            ones [MARBLE]; ``coefficients``, the solve's raw-gradient coefficients ``c = w mean(n) / n`` (module
+            docstring).
     """
 
     method: Literal["sum", "gdpo", "marble"] = "sum"
     every: int = 10
     ema: float = 0.7
+    amortise: Literal["weights", "coefficients"] = "weights"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +92,9 @@ class BalanceConfig:
             raise ConfigError(f"config key 'balance.every': must be an integer >= 1, got {self.every!r}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"config key 'balance.ema': must be in [0, 1), got {self.ema!r}")
+        if self.amortise not in ("weights", "coefficients"):
+            raise ConfigError(f"config key 'balance.amortise': expected 'weights' or 'coefficients', "
+                              f"got {self.amortise!r}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- Gram-level maths
@@ -301,7 +311,8 @@ class GradientBalancer:
     # ------------------------------------------------------------------------------------------- schedule, state
     @property
     def weights(self) -> Tensor | None:
-        """``(K,)`` float64: the EMA of the QP weights that amortised steps use (None before the first solve)."""
+        """``(K,)`` float64: the EMA of the QP weights (or coefficients, ``cfg.amortise``) that amortised steps use
+        (None before the first solve)."""
         return None if self._alpha is None else self._alpha.clone()
 
     def due(self, optimizer_step: int) -> bool:
@@ -391,7 +402,7 @@ class GradientBalancer:
         coefficients = solution.coefficients
         self._add_to_grads(rows, torch.cat([coefficients, torch.ones(len(extra), dtype=torch.float64)]))
         if solution.status != "all_zero":
-            w = solution.weights
+            w = solution.weights if self.cfg.amortise == "weights" else solution.coefficients
             self._alpha = w.clone() if self._alpha is None else self.cfg.ema * self._alpha + (1 - self.cfg.ema) * w
             self.solves += 1
         if self._alpha is not None:

@@ -2,10 +2,11 @@
 
 A run evaluates one or more named prompt sets (``eval_sets``: e.g. its training prompts and the world's two
 held-out splits). Each set is sampled with the EMA weights (ODE, ``cfg.sampling``) and reported under its name:
-the mean of every optimised reward component, every monitor (rewards logged but never optimised: the
-reward-hacking watch), the within-prompt diversity (mean pairwise RMS distance between the images of one prompt, in
-[0, 1] pixel units: a collapse toward one image per prompt drives it to 0; reported with two or more images per
-prompt), and for world prompts (a ``world:`` split, or a prompt file in the world's grammar) the evaluator's
+the mean of every optimised reward component and every monitor (rewards logged but never optimised: the
+reward-hacking watch), each with a 95% interval over prompts (``prompt_mean_interval``), the within-prompt
+diversity (mean pairwise RMS distance between the images of one prompt, in [0, 1] pixel units: a collapse toward
+one image per prompt drives it to 0; reported with two or more images per prompt), and for world prompts (a
+``world:`` split, or a prompt file in the world's grammar) the evaluator's
 strict accuracy overall (the mean over categories) and per category, image-level accuracy, the graded and partial
 credit, with 95% intervals (``diffalign.world.evaluator.summarize``). It writes ``grids/<tag>_<set>.png`` (world
 images marked OK/NO in green/red), ``eval_<tag>.json`` with every set's numbers, and the grids to the trackers.
@@ -29,6 +30,24 @@ from diffalign.sampling.generate import generate
 from diffalign.world.prompts import as_spec, is_world_prompt
 
 OK_COLOR, NO_COLOR = (0, 120, 0), (180, 0, 0)
+
+
+def prompt_mean_interval(values: Tensor, prompts: Sequence[str]) -> tuple[float, float]:
+    """A normal 95% interval of the mean of ``values`` ``(N,)`` (NaN = the reward abstains, left out), clustered by
+    prompt: the images of one prompt are correlated, so the standard error is that of the ``P`` per-prompt means
+    around the image mean, ``sqrt(sum_p n_p^2 (m_p - m)^2 / (P (P - 1))) / mean(n_p)`` (the ratio-estimator form).
+    NaN when fewer than two prompts have a value."""
+    groups: dict[str, list[float]] = {}
+    for value, prompt in zip(values.tolist(), prompts, strict=True):
+        if value == value:
+            groups.setdefault(prompt, []).append(value)
+    if len(groups) < 2:
+        return float("nan"), float("nan")
+    counts = np.array([len(v) for v in groups.values()], dtype=np.float64)
+    sums = np.array([sum(v) for v in groups.values()], dtype=np.float64)
+    mean, P = sums.sum() / counts.sum(), len(groups)
+    se = np.sqrt(((sums - counts * mean) ** 2).sum() / (P * (P - 1))) / counts.mean()
+    return float(mean - 1.96 * se), float(mean + 1.96 * se)
 
 
 def diversity(images: Tensor, prompts: list[str]) -> float:
@@ -142,6 +161,8 @@ class Evaluator:
             for name in rewards.rewards:
                 values = torch.cat([o.components[name] for o in outs])
                 summary[f"{label}/{name}"] = float(values.nanmean())
+                lo, hi = prompt_mean_interval(values, evalset.prompts)
+                summary[f"{label}/{name}_ci_lo"], summary[f"{label}/{name}_ci_hi"] = lo, hi
             if label == "reward":
                 summary["reward/total"] = float(torch.cat([o.total for o in outs]).nanmean())
         if evalset.images_per_prompt >= 2:  # undefined with one image per prompt
@@ -214,7 +235,7 @@ def plot_history(history_path: str, out_path: str) -> None:
         if strict:
             x, y, lo, hi = (np.array(v) for v in zip(*strict, strict=True))
             ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label="strict accuracy (95% CI)")
-        keys = sorted({k for r in evals for k in r if k.startswith(prefix) and "/world/" not in k})
+        keys = sorted({k for r in evals for k in r if k.startswith(prefix) and "/world/" not in k and "_ci_" not in k})
         for key in keys:
             points = [(r["epoch"], r[key]) for r in evals if key in r and r[key] == r[key]]
             if points:
