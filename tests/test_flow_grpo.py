@@ -382,7 +382,7 @@ def test_marble_through_flow_grpo(tiny_models, tmp_path):
 
 
 def test_reward_interval_is_clustered_by_prompt_and_skips_abstentions():
-    from diffalign.training.evaluation import prompt_mean_interval
+    from diffalign.world.evaluator import prompt_mean_interval
 
     prompts = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
     values = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, float("nan"), float("nan")])

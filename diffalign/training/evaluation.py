@@ -27,27 +27,10 @@ from tqdm.auto import tqdm
 
 from diffalign.images import make_grid, save_grid
 from diffalign.sampling.generate import generate
+from diffalign.world.evaluator import prompt_mean_interval
 from diffalign.world.prompts import as_spec, is_world_prompt
 
 OK_COLOR, NO_COLOR = (0, 120, 0), (180, 0, 0)
-
-
-def prompt_mean_interval(values: Tensor, prompts: Sequence[str]) -> tuple[float, float]:
-    """A normal 95% interval of the mean of ``values`` ``(N,)`` (NaN = the reward abstains, left out), clustered by
-    prompt: the images of one prompt are correlated, so the standard error is that of the ``P`` per-prompt means
-    around the image mean, ``sqrt(sum_p n_p^2 (m_p - m)^2 / (P (P - 1))) / mean(n_p)`` (the ratio-estimator form).
-    NaN when fewer than two prompts have a value."""
-    groups: dict[str, list[float]] = {}
-    for value, prompt in zip(values.tolist(), prompts, strict=True):
-        if value == value:
-            groups.setdefault(prompt, []).append(value)
-    if len(groups) < 2:
-        return float("nan"), float("nan")
-    counts = np.array([len(v) for v in groups.values()], dtype=np.float64)
-    sums = np.array([sum(v) for v in groups.values()], dtype=np.float64)
-    mean, P = sums.sum() / counts.sum(), len(groups)
-    se = np.sqrt(((sums - counts * mean) ** 2).sum() / (P * (P - 1))) / counts.mean()
-    return float(mean - 1.96 * se), float(mean + 1.96 * se)
 
 
 def diversity(images: Tensor, prompts: list[str]) -> float:

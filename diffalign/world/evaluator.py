@@ -499,6 +499,24 @@ def accuracy_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, flo
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def prompt_mean_interval(values: Sequence[float] | np.ndarray | Any, prompts: Sequence[str]) -> tuple[float, float]:
+    """A normal 95% interval of the mean of ``values`` ``(N,)`` (a sequence, array or CPU tensor; NaN = the reward
+    abstains, left out), clustered by prompt: the images of one prompt are correlated, so the standard error is that
+    of the ``P`` per-prompt means around the image mean, ``sqrt(sum_p n_p^2 (m_p - m)^2 / (P (P - 1))) / mean(n_p)``
+    (the ratio-estimator form). NaN when fewer than two prompts have a value."""
+    groups: dict[str, list[float]] = {}
+    for value, prompt in zip(np.asarray(values, dtype=np.float64).tolist(), prompts, strict=True):
+        if value == value:
+            groups.setdefault(prompt, []).append(value)
+    if len(groups) < 2:
+        return float("nan"), float("nan")
+    counts = np.array([len(v) for v in groups.values()], dtype=np.float64)
+    sums = np.array([sum(v) for v in groups.values()], dtype=np.float64)
+    mean, P = sums.sum() / counts.sum(), len(groups)
+    se = np.sqrt(((sums - counts * mean) ** 2).sum() / (P * (P - 1))) / counts.mean()
+    return float(mean - 1.96 * se), float(mean + 1.96 * se)
+
+
 def _overall_interval(per: dict[str, dict[str, float]], z: float = 1.96) -> tuple[float, float]:
     """Normal interval of the mean of the category accuracies, each category's variance from the Agresti-Coull
     estimate ``p~ (1 - p~) / (n + 4)`` with ``p~ = (k + 2) / (n + 4)``."""
@@ -522,7 +540,7 @@ def summarize(prompts: Sequence[PromptSpec | str], verdicts: Sequence[Verdict]) 
     Returns:
         Dict with ``overall`` (mean of the per-category accuracies, GenEval's headline number) and its
         ``overall_ci95``, ``image_accuracy`` (fraction of correct images) and its ``image_accuracy_ci95`` (Wilson),
-        ``mean_score`` (partial credit) and its ``mean_score_ci95`` (normal, the images as independent draws),
+        ``mean_score`` (partial credit) and its ``mean_score_ci95`` (normal, clustered by prompt),
         ``mean_graded`` (graded credit, when the verdicts carry it), ``n``
         (number of images) and
         ``per_category``: category -> ``{"accuracy", "ci95", "mean_score", "n"}`` (categories that occur, in
@@ -547,14 +565,13 @@ def summarize(prompts: Sequence[PromptSpec | str], verdicts: Sequence[Verdict]) 
     correct = sum(v.correct for v in verdicts)
     graded = [v.graded for v in verdicts]
     scores = np.array([v.score for v in verdicts], dtype=float)
-    half = 1.96 * scores.std(ddof=1) / np.sqrt(len(scores)) if len(scores) > 1 else float("nan")
     return {
         "overall": float(np.mean([d["accuracy"] for d in per.values()])),
         "overall_ci95": list(_overall_interval(per)),
         "image_accuracy": correct / len(verdicts),
         "image_accuracy_ci95": list(accuracy_interval(correct, len(verdicts))),
         "mean_score": float(scores.mean()),
-        "mean_score_ci95": [float(scores.mean() - half), float(scores.mean() + half)],
+        "mean_score_ci95": list(prompt_mean_interval(scores, [as_spec(p).text for p in prompts])),
         "n": len(verdicts),
         "per_category": per,
         **({"mean_graded": float(np.mean(graded))} if None not in graded else {}),
