@@ -144,6 +144,51 @@ def test_each_phase_changes_only_its_own_parameters(tiny, tmp_path):
     assert "loss_fake" in out and "loss_dm" in out and not _same(gen, _lora(trainer, GENERATOR))
 
 
+def test_a_fake_score_per_step_trains_and_answers_for_its_own_step_only(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path / "a", **{"dmd.fake_per_step": True})
+    names = [f"{FAKE}_{k}" for k in range(4)]
+    assert trainer.fake_names == names and set(names) <= set(trainer.ctx.modules)
+    stops = {trainer.collect(e).stop: e for e in range(24)}
+    batch = trainer.collect(stops[2])
+    before = {n: _lora(trainer, n) for n in names}
+    gen = _lora(trainer, GENERATOR)
+    trainer.optimize(batch, stops[2], [["fake"]], trainer.loss, [trainer.fake_name(batch.stop)])
+    changed = [n for n in names if not _same(before[n], _lora(trainer, n))]
+    assert changed == [f"{FAKE}_2"] and _same(gen, _lora(trainer, GENERATOR))
+    # the generator's direction at a step-2 sample comes from that step's fake score: it is zero where that
+    # fake score is still the teacher (real CFG 1) and non-zero once it has trained
+    plain = _trainer(tiny, tmp_path / "b", **{"dmd.fake_per_step": True, "dmd.real_guidance_scale": 1.0})
+    b0 = plain.collect(stops[0])
+    assert float(plain.generator_loss(b0)["loss_dm"].detach()) == 0.0
+    plain.optimize(plain.collect(stops[2]), stops[2], [["fake"]], plain.loss, [f"{FAKE}_2"])
+    assert float(plain.generator_loss(b0)["loss_dm"].detach()) == 0.0
+    assert float(plain.generator_loss(plain.collect(stops[2]))["loss_dm"].detach()) > 0.0
+
+
+def test_the_regression_loss_pairs_noise_with_the_teacher_sample_and_pulls_the_first_step_to_it(tiny, tmp_path):
+    # real CFG 1 and an untrained fake score make the DM direction 0: the generator steps follow loss_reg alone
+    trainer = _trainer(tiny, tmp_path / "a", **{"dmd.regression_weight": 1.0, "dmd.regression_pairs": 6,
+                                                "dmd.real_guidance_scale": 1.0})  # fmt: skip
+    which, noise, target = trainer.pairs
+    assert noise.shape == target.shape == (6, *trainer.shape)
+    # each target is the teacher's reference sampler (6 ODE steps, CFG 2) from that noise, on that pair's prompt
+    flow, job = trainer.flow, trainer.ctx.cfg
+    times = flow.time_grid(job.sampling.num_steps, 32, 32)
+    with torch.no_grad(), flow.adapter(None):
+        again = sample(flow, flow.encode_prompt([trainer.ft.prompts[j] for j in which]), times, x_init=noise,
+                       guidance_scale=2.0, keep_states=False).final  # fmt: skip
+    torch.testing.assert_close(again, target, rtol=1e-5, atol=1e-5)
+    assert trainer.collect(0).reg_noise is None  # only generator steps draw pairs
+    batch = trainer.collect(1)
+    assert batch.reg_noise is not None and batch.reg_target.shape == batch.x0.shape
+    first = trainer.generator_loss(batch)["loss_reg"].item()
+    for _ in range(15):
+        trainer.optimize(batch, 1, [["generator"]], trainer.loss, [trainer.ft.policy.name])
+    assert trainer.generator_loss(batch)["loss_reg"].item() < 0.9 * first
+    with pytest.raises(ConfigError, match="sampling.sde"):
+        _job(tiny, tmp_path / "b", **{"dmd.regression_weight": 1.0, "sampling.sde": "cps"})
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def test_kill_and_resume_is_bit_identical_for_both_modules(tiny, tmp_path):
     out = tmp_path / "run"
@@ -220,6 +265,8 @@ def test_the_exported_student_through_the_stock_pipeline_equals_our_sampler(tiny
     ("override", "match"),
     [
         ({"dmd.sigmas": "[1.0, 0.75, 0.5, 0.25]"}, "dmd.sigmas.*exactly 0"),
+        ({"dmd.regression_weight": -1.0}, "dmd.regression_weight"),
+        ({"dmd.regression_pairs": 0}, "dmd.regression_pairs"),
         ({"dmd.sigmas": "[1.0, 0.5, 0.75, 0.0]"}, "dmd.sigmas.*strictly decrease"),
         ({"dmd.sigmas": "[1.5, 0.5, 0.0]"}, "dmd.sigmas.*in \\[0, 1\\]"),
         ({"dmd.sigmas": "[1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.0]"}, "dmd.sigmas.*fewer student steps"),

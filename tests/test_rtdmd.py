@@ -442,6 +442,8 @@ def test_the_world_jobs_load():
         ("rl", {"rtdmd.group_size": 1}, "rtdmd.group_size"),
         ("rl", {"model.lora": "somewhere"}, "model.lora"),
         ("cold_start", {"rtdmd.renoise_clamp": "[0.5, 0.2]"}, "rtdmd.renoise_clamp"),
+        ("cold_start", {"dmd.fake_per_step": "true"}, "dmd.fake_per_step"),
+        ("cold_start", {"dmd.regression_weight": 0.25}, "dmd.regression_weight"),
     ],
 )
 def test_bad_configs_name_the_key(tiny, tmp_path, stage, override, match):

@@ -9,6 +9,10 @@ Three networks share one transformer:
   fixed time list ``sigmas`` (the checkpoint's scheduler shifts ``dmd.sigmas`` exactly as the stock pipeline
   shifts its ``sigmas`` argument), started from the teacher (its LoRA starts at zero), sampled without CFG;
 - the **fake score** F (the LoRA adapter ``fake_score``): tracks the distribution of G's samples, without CFG.
+  With ``dmd.fake_per_step`` there is one fake score per student step (adapters ``fake_score_0`` ..
+  ``fake_score_{K-1}``), each tracking the clean estimates of its own step: under backward simulation G's
+  samples are a mixture over the stop steps, and a single F models that mixture, so the direction it gives a
+  step's sample is ``s_mixture - s_real`` rather than ``s_step - s_real``.
 
 Per epoch, on ``batch_size`` prompts per process (``collect``): pick the stop step ``k`` (``dmd.stop``:
 ``random``, uniform over the ``K`` steps and the same on every process, or the ``last``), run G for ``k`` steps
@@ -36,12 +40,19 @@ states its own sampler visits), and its clean estimate ``x = x_k - s_k v_G(x_k)`
    G's current distribution). The first generator step comes after ``generator_every - 1`` of them (at the
    start F is the teacher, and the generator gradient only the CFG difference).
 
+3. optionally (``dmd.regression_weight`` > 0, DMD's regression loss, Yin et al. 2023 Sec. 3.3), in the generator
+   step also ``L_reg = w mean || x0_G(z) - ODE_teacher(z) ||^2`` on pairs of noise ``z`` and the teacher's
+   reference-sampler output from it (``sampling``, an ODE with CFG; ``dmd.regression_pairs`` pairs made once at
+   the start, on training prompts), where ``x0_G(z) = z - s_0 v_G(z)`` is the student's first clean estimate.
+   The pairs tie the student's first step to the teacher's actual samples, which the score difference alone
+   (the reverse KL to the CFG-guided score) does not; the distance is in latent space (DMD: LPIPS on pixels).
+
 Defaults, with the anchors' values (DMD2 ``main/train_sd.py``, ``experiments/*``; RTDMD ``DMDTrainer``):
 4 steps at ``[1, 0.75, 0.5, 0.25]`` (DMD2's timesteps 999/749/499/249, RTDMD's list) before the shift;
 ``generator_every`` 5 (DMD2 SDXL; 10 for SD1.5 and RTDMD); real CFG: the family's (SD3 4.5, RTDMD's SD3.5);
 DM times over indices [20, 980] of 1000 (both); F's times uniform over the same levels (DMD2; RTDMD
 logit-normal(0, 1)); one learning rate for both networks (both); LoRA on both (RTDMD r32/alpha64). DMD2's
-GAN term and regression warm-up are not implemented.
+GAN term is not implemented; the regression loss is off by default, as in DMD2.
 
 **The student's sampler** (``dmd.eta``). Each step predicts the clean estimate ``x0_hat = x_i - s_i v_G(x_i)``
 and moves to the next time with the CPS step ``x_{i+1} = (1 - s_{i+1}) x0_hat + s_{i+1} (cos(eta pi/2) eps_hat
@@ -70,11 +81,13 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffalign.algorithms.flow_matching import PromptCache
 from diffalign.config import ConfigError, SamplingConfig, check_sigmas
 from diffalign.release import SIGMAS_FILE, STUDENT_FILE
-from diffalign.sampling.sampler import guided_velocity
+from diffalign.sampling.generate import initial_noise, resolve_guidance_scale
+from diffalign.sampling.sampler import guided_velocity, sample
 from diffalign.sampling.steps import cps_step
 from diffalign.training.evaluation import Evaluator, plot_history
 from diffalign.training.finetuning import Finetuning, RunSection
@@ -113,6 +126,10 @@ class DMDConfig:
         fake_logit_mean, fake_logit_std: that logit-normal's location and scale.
         eta: the student sampler's noise (module docstring): 1 re-noises every clean estimate (DMD2), 0 is Euler.
             Only these two have a stock diffusers scheduler, so the exported student samples as trained.
+        fake_per_step: one fake score per student step, trained on and queried for that step's samples only
+            (module docstring); false: one fake score for all steps (DMD2).
+        regression_weight: the weight of DMD's regression loss on teacher pairs (module docstring); 0: off (DMD2).
+        regression_pairs: how many (noise, teacher sample) pairs the regression loss draws its batches from.
     """
 
     sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])
@@ -127,13 +144,18 @@ class DMDConfig:
     fake_logit_mean: float = 0.0
     fake_logit_std: float = 1.0
     eta: float = 1.0
+    fake_per_step: bool = False
+    regression_weight: float = 0.0
+    regression_pairs: int = 1024
 
     def __post_init__(self) -> None:
         check_sigmas(self.sigmas, "dmd.sigmas", final_zero=True)
         if self.eta not in (0, 1):
             raise ConfigError(f"config key 'dmd.eta': 1 (re-noise every clean estimate, DMD2) or 0 (Euler), the two "
                               f"samplers the stock FlowMatchEulerDiscreteScheduler has; got {self.eta}")  # fmt: skip
-        for key in ("generator_every", "batch_size"):
+        if self.regression_weight < 0:
+            raise ConfigError(f"config key 'dmd.regression_weight': must be >= 0, got {self.regression_weight}")
+        for key in ("generator_every", "batch_size", "regression_pairs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'dmd.{key}': must be >= 1, got {getattr(self, key)}")
         if self.real_guidance_scale is not None and self.real_guidance_scale < 1:
@@ -179,6 +201,10 @@ class DMDJob(RunSection):
                               f"teacher's 1000-level training schedule")  # fmt: skip
         if self.model.lora:
             check_student_family(self.model.lora, self.model.family, "model.lora")
+        if self.dmd.regression_weight > 0 and self.sampling.sde != "ode":
+            raise ConfigError(f"config key 'sampling.sde': the regression loss pairs noise with the teacher's "
+                              f"reference sample from it, which needs a deterministic sampler (ode); got "
+                              f"{self.sampling.sde!r}")  # fmt: skip
 
 
 def student_sampling(sampling: SamplingConfig, sigmas: list[float], eta: float) -> SamplingConfig:
@@ -227,6 +253,8 @@ class DMDBatch(Batch):
         x_k: ``(B, C, H, W)`` G's state at ``times[k]`` (no gradient); ``x0``: its clean estimate (detached).
         dm_t, dm_noise: ``(B,)`` times and ``(B, C, H, W)`` noise of the distribution-matching loss.
         fake_t, fake_noise: the same for the fake score's flow matching.
+        reg_cond, reg_noise, reg_target: with the regression loss on, at a generator step: ``B`` pairs'
+            conditioning, noise ``(B, C, H, W)`` and the teacher's sample from it ``(B, C, H, W)``; else None.
     """
 
     cond: Cond
@@ -237,6 +265,9 @@ class DMDBatch(Batch):
     dm_noise: Tensor
     fake_t: Tensor
     fake_noise: Tensor
+    reg_cond: Cond | None = None
+    reg_noise: Tensor | None = None
+    reg_target: Tensor | None = None
 
 
 class DMDTrainer(Trainer):
@@ -252,21 +283,27 @@ class DMDTrainer(Trainer):
         flow = self.flow = self.ft.flow
         t = job.train
         transformer = flow.transformer
-        flow.add_lora(rank=job.lora.rank, alpha=job.lora.alpha, target_modules=job.lora.target_modules,
-                      adapter_name=FAKE)  # fmt: skip
-        fake = [p for n, p in transformer.named_parameters() if f".{FAKE}." in n]
-        optimizer = torch.optim.AdamW(fake, lr=self.cfg.fake_lr or t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                      weight_decay=t.weight_decay, eps=t.adam_eps)  # fmt: skip
-        scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_epochs,
-                                  num_training_steps=t.epochs)  # fmt: skip
-        self.fake = ctx.register(FAKE, transformer, optimizer, scheduler, grad_clip=t.grad_clip)
+        names = [f"{FAKE}_{k}" for k in range(self.cfg.num_steps)] if self.cfg.fake_per_step else [FAKE]
+        fakes = []
+        for name in names:
+            flow.add_lora(rank=job.lora.rank, alpha=job.lora.alpha, target_modules=job.lora.target_modules,
+                          adapter_name=name)  # fmt: skip
+            params = [p for n, p in transformer.named_parameters() if f".{name}." in n]
+            optimizer = torch.optim.AdamW(params, lr=self.cfg.fake_lr or t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                          weight_decay=t.weight_decay, eps=t.adam_eps)  # fmt: skip
+            scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_epochs,
+                                      num_training_steps=t.epochs)  # fmt: skip
+            fakes.append(ctx.register(name, transformer, optimizer, scheduler, grad_clip=t.grad_clip))
+        self.fake = fakes[0]
+        self.fake_names = names
         self.ft.policy.export = self._export
         transformer.set_adapter(GENERATOR)  # outside an adapter block the flow is the student
-        for p in self.ft.policy.trainable() + self.fake.trainable():
+        for p in self.ft.policy.trainable() + [p for m in fakes for p in m.trainable()]:
             p.requires_grad_(True)
         ctx.prepare()
         flow.use_network(self.ft.policy.network, adapter=GENERATOR)
-        flow.use_network(self.fake.network, adapter=FAKE)
+        for m in fakes:
+            flow.use_network(m.network, adapter=m.name)
 
         s = job.sampling
         self.shape = flow.latent_shape(s.height, s.width)
@@ -280,6 +317,29 @@ class DMDTrainer(Trainer):
         self.dm_levels = table[lo : min(hi, 999) + 1]
         self.encode = PromptCache(flow, self.ft.prompts)
         self.cadence = t.cadence(progress=("loss_dm", "loss_fake"))
+        self.pairs = self._regression_pairs() if self.cfg.regression_weight > 0 else None
+
+    @torch.no_grad()
+    def _regression_pairs(self) -> tuple[np.ndarray, Tensor, Tensor]:
+        """``regression_pairs`` training-prompt indices ``(N,)``, noises ``(N, C, H, W)`` and the teacher's
+        reference-sampler latents from them ``(N, C, H, W)`` (on the CPU), a function of the seed only: every
+        process (and a resumed run) makes the same pairs."""
+        ctx, s, n = self.ctx, self.ctx.cfg.sampling, self.cfg.regression_pairs
+        flow = self.flow
+        which = np.random.default_rng([ctx.seed, 4]).integers(len(self.ft.prompts), size=n)
+        noise = initial_noise(flow, self.shape, ctx.seed + 1, range(n)).cpu()
+        times = flow.time_grid(s.num_steps, s.height, s.width, shift=s.shift, sigmas=s.sigmas)
+        scale = resolve_guidance_scale(flow, s)
+        out = []
+        chunks = range(0, n, 64)
+        bar = tqdm(chunks, desc="dmd: teacher pairs", disable=not ctx.accelerator.is_main_process)
+        with ctx.accelerator.autocast(), flow.adapter(None):
+            for i in bar:
+                cond = self.encode([self.ft.prompts[j] for j in which[i : i + 64]]).to(ctx.device)
+                traj = sample(flow, cond, times, x_init=noise[i : i + 64].to(ctx.device), guidance_scale=scale,
+                              guidance=s.guidance, keep_states=False)  # fmt: skip
+                out.append(traj.final.float().cpu())
+        return which, noise, torch.cat(out)
 
     # ------------------------------------------------------------------------------------------------- collect
     @torch.no_grad()
@@ -309,9 +369,15 @@ class DMDTrainer(Trainer):
             fake_t = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=cfg.fake_logit_mean,
                                                            logit_std=cfg.fake_logit_std, generator=gen)  # fmt: skip
         fake_noise = torch.randn((n, *self.shape), generator=gen)
-        return DMDBatch(cond=cond, stop=stop, x_k=x.float(), x0=x0.float(), dm_t=dm_t.to(device),
-                        dm_noise=dm_noise.to(device), fake_t=fake_t.to(device), fake_noise=fake_noise.to(device),
-                        metrics={"stop_step": float(stop)})  # fmt: skip
+        batch = DMDBatch(cond=cond, stop=stop, x_k=x.float(), x0=x0.float(), dm_t=dm_t.to(device),
+                         dm_noise=dm_noise.to(device), fake_t=fake_t.to(device), fake_noise=fake_noise.to(device),
+                         metrics={"stop_step": float(stop)})  # fmt: skip
+        if self.pairs is not None and self.generator_due(epoch):
+            which, noise, target = self.pairs
+            pick = np.random.default_rng([ctx.seed, rank, epoch, 5]).integers(len(which), size=n)
+            batch.reg_cond = self.encode([self.ft.prompts[j] for j in which[pick]]).to(device)
+            batch.reg_noise, batch.reg_target = noise[pick].to(device), target[pick].to(device)
+        return batch
 
     # ------------------------------------------------------------------------------------------------- update
     def generator_due(self, epoch: int) -> bool:
@@ -322,8 +388,12 @@ class DMDTrainer(Trainer):
         out: dict[str, float] = {}
         if self.generator_due(epoch):
             out.update(self.optimize(batch, epoch, [["generator"]], self.loss, [self.ft.policy.name]))
-        out.update(self.optimize(batch, epoch, [["fake"]], self.loss, [FAKE]))
+        out.update(self.optimize(batch, epoch, [["fake"]], self.loss, [self.fake_name(batch.stop)]))
         return out
+
+    def fake_name(self, stop: int) -> str:
+        """The adapter (and registered module) of the fake score that models step ``stop``'s samples."""
+        return self.fake_names[stop if self.cfg.fake_per_step else 0]
 
     def loss(self, batch: DMDBatch, micro: str) -> dict[str, Tensor]:
         """``micro``: ``generator`` (the distribution-matching loss) or ``fake`` (the fake score's)."""
@@ -332,26 +402,34 @@ class DMDTrainer(Trainer):
         return self.fake_loss(batch)
 
     def generator_loss(self, batch: DMDBatch) -> dict[str, Tensor]:
-        """``loss_dm`` of G's clean estimate at the batch's state (gradient through that one step)."""
+        """``loss_dm`` of G's clean estimate at the batch's state (gradient through that one step), and with the
+        regression loss on ``loss_reg`` of its first clean estimate from the batch's pair noise."""
         flow, s = self.flow, float(self.times[batch.stop])
         with flow.adapter(GENERATOR):
             x = batch.x_k - s * flow.velocity(batch.x_k, s, batch.cond)
-        g, scale = self.dm_direction(x.detach(), batch.dm_t, batch.dm_noise, batch.cond)
+        g, scale = self.dm_direction(x.detach(), batch.dm_t, batch.dm_noise, batch.cond, self.fake_name(batch.stop))
         x = x.double()
-        return {"loss_dm": 0.5 * F.mse_loss(x, (x - g).detach()), "dm_scale": scale,
-                "dm_direction": g.flatten(1).norm(dim=1)}  # fmt: skip
+        out = {"loss_dm": 0.5 * F.mse_loss(x, (x - g).detach()), "dm_scale": scale,
+               "dm_direction": g.flatten(1).norm(dim=1)}  # fmt: skip
+        if batch.reg_noise is not None:
+            s0 = float(self.times[0])
+            with flow.adapter(GENERATOR):
+                first = batch.reg_noise - s0 * flow.velocity(batch.reg_noise, s0, batch.reg_cond)
+            out["loss_reg"] = self.cfg.regression_weight * F.mse_loss(first.float(), batch.reg_target)
+        return out
 
     @torch.no_grad()
-    def dm_direction(self, x: Tensor, t: Tensor, noise: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+    def dm_direction(self, x: Tensor, t: Tensor, noise: Tensor, cond: Cond, fake: str = FAKE) -> tuple[Tensor, Tensor]:
         """The normalised DMD direction ``g`` ``(B, C, H, W)`` float64 at the clean samples ``x`` re-noised to
-        ``t`` ``(B,)`` with ``noise``, and the per-sample normaliser ``mean_CHW |x - x0_real|`` ``(B,)``."""
+        ``t`` ``(B,)`` with ``noise``, and the per-sample normaliser ``mean_CHW |x - x0_real|`` ``(B,)``; ``fake``:
+        the fake score's adapter."""
         flow = self.flow
         tt = t.view(-1, 1, 1, 1)
         x_t = (1 - tt) * x + tt * noise
         with flow.adapter(None):
             v_real = guided_velocity(flow, x_t, t, cond, guidance_scale=self.real_scale,
                                      guidance=self.cfg.real_guidance)  # fmt: skip
-        with flow.adapter(FAKE):
+        with flow.adapter(fake):
             v_fake = flow.velocity(x_t, t, cond)
         tt = tt.double()
         return normalised_dm_direction(x, x_t.double() - tt * v_real.double(), x_t.double() - tt * v_fake.double())
@@ -361,7 +439,7 @@ class DMDTrainer(Trainer):
         flow = self.flow
         t = batch.fake_t.view(-1, 1, 1, 1)
         x_t = (1 - t) * batch.x0 + t * batch.fake_noise
-        with flow.adapter(FAKE):
+        with flow.adapter(self.fake_name(batch.stop)):
             v = flow.velocity(x_t, batch.fake_t, batch.cond)
         return {"loss_fake": F.mse_loss(v.float(), batch.fake_noise - batch.x0)}
 

@@ -326,6 +326,11 @@ class RTDMDJob(DMDJob):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dmd.fake_per_step:
+            raise ConfigError("config key 'dmd.fake_per_step': RTDMD trains one fake score on the ambient-consistent "
+                              "target of every step; set it false")  # fmt: skip
+        if self.dmd.regression_weight:
+            raise ConfigError("config key 'dmd.regression_weight': RTDMD has no regression loss; set it 0")
         cfg = self.rtdmd
         if cfg.stage == "rl":
             cfg.candidate_steps(self.dmd.num_steps)
