@@ -1,8 +1,9 @@
 """Speed of the world main job (``configs/world/flow_grpo.yaml``) on this machine, each speed setting side by side
 in one run, and our sampling beside the stock ``StableDiffusion3Pipeline``.
 
-For every setting (``model.autocast`` x ``model.compile``) and thread count it builds the job's real trainer
-(the shipped base ``builtin:world-sd3`` with its rank-16 LoRA, the world reward and monitors) and measures:
+For every setting (``model.autocast`` x ``model.compile``; ``auto`` is bf16 only where the CPU has native bf16)
+and thread count it builds the job's real trainer (the shipped base ``builtin:world-sd3`` with its rank-16 LoRA,
+the world reward and monitors) and measures:
 
 - forward: one transformer forward of a CFG rollout batch (64 rows = 32 prompts x [uncond; cond]), ms;
 - rollouts/s: one epoch's ``collect`` (128 SDE rollouts of 10 steps with CFG, log-probs, decode, reward);
@@ -42,6 +43,8 @@ SETTINGS = {
     "bf16": ["model.autocast=bfloat16", "model.compile=false"],
     "compile": ["model.autocast=none", "model.compile=true"],
     "compile+bf16": ["model.autocast=bfloat16", "model.compile=true"],
+    "auto": ["model.autocast=auto", "model.compile=false"],
+    "compile+auto": ["model.autocast=auto", "model.compile=true"],
 }
 
 
@@ -121,7 +124,8 @@ def stock_vs_ours(batch: int = 32, steps: int = 20, scale: float = 3.0) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["fp32", "bf16", "compile", "compile+bf16"],
+                        choices=list(SETTINGS))  # fmt: skip
     parser.add_argument("--eval-prompts", type=int, default=16)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

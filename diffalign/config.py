@@ -273,7 +273,9 @@ class ModelConfig:
         dtype: the dtype the weights are loaded in (step maths and log-probs always run in float32).
         autocast: ``bfloat16`` / ``float16``: the transformer's forward runs under ``torch.autocast`` in that dtype
             (weights stay in ``dtype``; the velocity comes back float32; text encoders and VAE are untouched);
-            ``none``: it runs in ``dtype``. bf16 pays on CPUs with AMX / AVX-512 bf16 and on GPUs (see docs/speed.md).
+            ``none``: it runs in ``dtype``; ``auto``: bf16 where the device runs it natively (a GPU, a CPU with AMX /
+            AVX-512 bf16), none elsewhere. bf16 pays only there: an AVX2-only CPU emulates it, about 5x slower than
+            float32 (see docs/speed.md).
         compile: ``torch.compile`` the transformer (in place: parameter names, LoRA and checkpoints unchanged).
             Compiled kernels are cached on disk (``TORCHINDUCTOR_CACHE_DIR``, default
             ``~/.cache/diffalign/inductor``), so a second run with the same shapes compiles much faster.
@@ -288,7 +290,7 @@ class ModelConfig:
     family: Literal["sd3", "flux", "flux2"] = "sd3"
     path: str = MISSING
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    autocast: Literal["none", "bfloat16", "float16"] = "none"
+    autocast: Literal["none", "auto", "bfloat16", "float16"] = "none"
     compile: bool = False
     attention_backend: str = "native"
     device: str = "auto"

@@ -97,6 +97,22 @@ def test_bf16_autocast_velocity_is_close_and_float32_and_log_probs_stay_float32(
     assert _relative_error(traj.states[:, -1], exact.states[:, -1]) < BF16_RTOL
 
 
+def test_auto_autocast_is_bf16_only_where_the_device_runs_it_natively(monkeypatch, caplog):
+    from diffalign.pipelines import base
+
+    flow = _flow("sd3")
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(base, "native_bf16", lambda device, native=native: native)
+        flow.set_autocast("auto")
+        assert flow.autocast == expected
+    with caplog.at_level("WARNING", logger="diffalign.pipelines"):
+        flow.set_autocast("bfloat16")  # still honoured where it is emulated, with a warning
+    assert flow.autocast == torch.bfloat16 and "without native bf16" in caplog.text
+    assert base.native_bf16(torch.device("cpu")) == (
+        torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    )
+
+
 # -------------------------------------------------------------------------------------------- compile
 def test_compiled_velocity_equals_eager(one_thread, monkeypatch):
     import os

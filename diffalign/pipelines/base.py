@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +38,20 @@ from torch import Tensor
 
 from diffalign.files import respect_umask
 from diffalign.types import Cond
+
+log = logging.getLogger("diffalign.pipelines")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on ``device``: a CUDA GPU with bf16 support, or a CPU with AMX or AVX-512
+    bf16 instructions. Elsewhere (an AVX2-only CPU) torch emulates them, about 5x slower than float32
+    (docs/speed.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -324,9 +339,19 @@ class FlowModel(ABC):
     # ----------------------------------------------------------------------------------------------- speed
     def set_autocast(self, dtype: str | torch.dtype | None) -> None:
         """Run the transformer's forward under ``torch.autocast`` in ``dtype`` (``"bfloat16"``, ``"float16"``), or in
-        its own dtype (None / ``"none"``). ``velocity`` still returns float32, so step maths and log-probs stay
-        float32; gradients reach the (float32) trained weights through autocast's casts."""
+        its own dtype (None / ``"none"``); ``"auto"`` is bf16 where ``native_bf16`` says the device has it and none
+        elsewhere. ``velocity`` still returns float32, so step maths and log-probs stay float32; gradients reach the
+        (float32) trained weights through autocast's casts. bf16 on a device without native bf16 is logged as a
+        warning: it runs, several times slower than float32."""
+        if dtype == "auto":
+            dtype = torch.bfloat16 if native_bf16(self.device) else None
         self.autocast = None if dtype in (None, "none") else resolve_dtype(dtype)
+        if self.autocast == torch.bfloat16 and not native_bf16(self.device):
+            log.warning(
+                "model.autocast=bfloat16 on a %s without native bf16 (%s): torch emulates it, several times slower "
+                "than float32; use model.autocast=auto or none", self.device.type,
+                torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else "no bf16 support",
+            )  # fmt: skip
 
     def set_attention_backend(self, name: str) -> None:
         """Route the transformer's attention through diffusers' dispatcher backend ``name`` (``native``,
