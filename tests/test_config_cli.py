@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,14 @@ def test_yaml_no_is_a_string_and_exponents_are_floats(tmp_path):
     job = load_config(FlowGRPOJob, path, ["train.mixed_precision=bf16", "train.mixed_precision=no",
                                           "train.lr=5e-4", "train.gradient_checkpointing=false"])  # fmt: skip
     assert job.train.mixed_precision == "no" and job.train.lr == 0.0005 and job.train.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "configs" / "world").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_world_config_resolves_as_written(path):
+    from diffalign.cli import _load_job
+    from diffalign.config import read_kind
+
+    kind = read_kind(str(path))
+    assert _load_job(kind, str(path), []).kind == kind
