@@ -176,6 +176,22 @@ def test_update_cosines_are_non_negative_after_a_solve():
         assert float(cos.min()) >= -1e-9
 
 
+def test_a_cancelled_update_has_no_direction():
+    """Two opposite rewards (as float32 backprop leaves them: opposite up to rounding) and a third: the min-norm
+    point is the cancelled pair, whose direction is rounding noise, so its cosines are 0, not a conflict."""
+    g = _vectors(2, 12, 3)[0].float()
+    noise = 1e-7 * g.norm() * torch.randn(12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    vectors = torch.stack([g.double(), -g.double() + noise, _vectors(3, 12, 4)[2]])
+    G = vectors @ vectors.T
+    solution = marble_solution(G)
+    assert solution.coefficients[2] == 0 and solution.qp.norm_sq < 1e-10
+    assert update_cosines(G, solution.coefficients).tolist() == [0.0, 0.0, 0.0]
+    # a real update keeps its cosines, however small it is in absolute terms
+    small = 1e-6 * G
+    torch.testing.assert_close(update_cosines(small, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)),
+                               update_cosines(G, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)))  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------- the balancer
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)

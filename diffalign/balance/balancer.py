@@ -153,17 +153,21 @@ def marble_solution(gram: Tensor, zero_tol: float = 1e-12) -> MarbleSolution:
                           status="single" if len(valid) == 1 else "balanced", qp=qp)  # fmt: skip
 
 
-def update_cosines(gram: Tensor, coefficients: Tensor, zero_tol: float = 1e-12) -> Tensor:
+def update_cosines(gram: Tensor, coefficients: Tensor, zero_tol: float = 1e-12, cancel_tol: float = 1e-5) -> Tensor:
     """``(M,)`` cosines between the update ``u = sum_j c_j g_j`` and each ``g_k``, from the ``(M, M)`` Gram matrix:
     ``(G c)_k / (sqrt(c^T G c) n_k)``. NaN for a zero (norm <= ``zero_tol``) or non-finite ``g_k``; 0 when the
-    update is zero."""
+    update is zero or cancels to ``|u| <= cancel_tol * sum_j |c_j| n_j``. Such an update is a Pareto-stationary
+    point, e.g. two rewards whose gradients are opposite: the rounding of float32 gradients (about 1e-7 of their
+    norms) is all that is left of it, so its direction is noise and its cosines are not measurements."""
     G = gram.detach().to(device="cpu", dtype=torch.float64)
     c = coefficients.to(torch.float64)
     used = c != 0
     inner = G[:, used] @ c[used]
     update_sq = update_norm_sq(G, c)
     norms = torch.diagonal(G).clamp(min=0).sqrt()
-    cos = torch.zeros_like(norms) if update_sq <= 0 else inner / (update_sq**0.5 * norms)
+    scale = float((c[used].abs() * norms[used]).sum())
+    cancelled = update_sq <= 0 or update_sq**0.5 <= cancel_tol * scale
+    cos = torch.zeros_like(norms) if cancelled else inner / (update_sq**0.5 * norms)
     cos[list(invalid_rows(G, zero_tol))] = float("nan")
     return cos
 
